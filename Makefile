@@ -1,0 +1,69 @@
+# contrastive-repro: two commands on a fresh machine.
+#   make reproduce   # set up if needed, run every notebook on PROFILE (default cpu), rebuild the README table
+#   make test        # set up if needed, unit tests + nbval on the notebooks (smoke profile)
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= cpu
+NOTEBOOKS ?=
+FORCE ?= 0
+STAMP := $(VENV)/.installed
+DEB_PACKAGES := dataset-fashion-mnist unicode-data fonts-noto-color-emoji
+DEB_FILES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/unicode/emoji/emoji-test.txt /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONHASHSEED := 0
+export MPLBACKEND := Agg
+
+.PHONY: setup system-data reproduce test unit nbval table bench clean-results help
+
+help:
+	@echo "make reproduce [PROFILE=smoke|cpu|paper] [NOTEBOOKS='00_tour 01_...'] [FORCE=1]"
+	@echo "make test      unit tests + nbval (smoke profile)"
+	@echo "make table     rebuild the README results table from results/*/*/metrics.json"
+	@echo "make bench     run the benchmarks in benchmarks/ (writes results/benchmarks/)"
+
+setup: system-data $(STAMP)
+
+# Offline datasets that come from Debian packages. Installed when missing and we are root; otherwise say what to do.
+system-data:
+	@missing=0; for f in $(DEB_FILES); do [ -e "$$f" ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "[setup] installing Debian packages: $(DEB_PACKAGES)"; \
+	    (apt-get install -y -qq $(DEB_PACKAGES) >/dev/null 2>&1 || (apt-get update -qq >/dev/null && apt-get install -y -qq $(DEB_PACKAGES) >/dev/null)) \
+	      || { echo "[setup] apt-get failed: install $(DEB_PACKAGES) by hand"; exit 1; }; \
+	  else \
+	    echo "[setup] missing offline data files: $(DEB_FILES)"; \
+	    echo "[setup] run as root:  apt-get install $(DEB_PACKAGES)"; exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "[setup] $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip >/dev/null
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+reproduce: setup
+	$(PY) -m reproduce.run --profile $(PROFILE) $(if $(NOTEBOOKS),--only $(NOTEBOOKS)) $(if $(filter 1,$(FORCE)),--force)
+	$(PY) -m reproduce.table --write-readme
+
+test: setup unit nbval
+
+unit: setup
+	$(PY) -m pytest -q tests
+
+nbval: setup
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --nbval-cell-timeout=300 notebooks/
+
+table: setup
+	$(PY) -m reproduce.table --write-readme
+
+bench: setup
+	$(PY) -m benchmarks.run_all
+
+clean-results:
+	rm -rf results/*/smoke

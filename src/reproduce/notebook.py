@@ -1,0 +1,128 @@
+"""Bookkeeping for a notebook run: where its results go, its figures, its sub-run cache and its metrics.json.
+
+Usage inside a notebook, right after the parameters cell::
+
+    from reproduce.notebook import start_run
+    run = start_run("00_tour", profile=profile, seeds=[seed], params=dict(steps=steps, lr=lr))
+    ...
+    run.savefig(fig, "loss_curve")                  # results/00_tour/<profile>/loss_curve.png
+    res = run.cached("seed0", lambda: train(...))   # results/.../runs/seed0.json; reused when it exists
+    run.finish(metrics, summary=[...])              # results/.../metrics.json with provenance
+
+``summary`` rows feed the README table: ``{"experiment", "metric", "value", "std", "n", "paper_key"}``; the paper's
+number is looked up from ``configs/paper_numbers.yaml`` by ``paper_key``, never typed into a notebook.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from contrastive_repro.io import atomic_write_json
+from contrastive_repro.provenance import provenance
+from contrastive_repro.utils import check_finite
+
+from . import PROFILES
+from .params import ParameterError
+from .paths import repo_root, results_dir
+
+_SUMMARY_KEYS = {"experiment", "metric", "value", "std", "n", "paper_key", "higher_is_better", "note"}
+
+
+@dataclass
+class Run:
+    notebook: str
+    profile: str
+    seeds: list[int]
+    params: dict[str, Any]
+    dir: Path
+    started: float = field(default_factory=time.time)
+    figures: list[str] = field(default_factory=list)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.dir / "runs"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def savefig(self, fig, name: str, dpi: int = 110) -> Path:
+        """Save a matplotlib figure as ``<name>.png`` beside metrics.json (atomically)."""
+        import io as _io
+
+        from contrastive_repro.io import atomic_write_bytes
+
+        buf = _io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        path = atomic_write_bytes(self.dir / f"{name}.png", buf.getvalue())
+        if path.name not in self.figures:
+            self.figures.append(path.name)
+        return path
+
+    def cached(self, key: str, compute: Callable[[], dict]) -> dict:
+        """Return the JSON result of sub-run ``key``; compute and store it atomically if it is not there yet.
+
+        This is what makes a long notebook resumable: an interrupted sweep recomputes only the missing sub-runs.
+        The stored record carries the parameters, so a sub-run made with other parameters is recomputed.
+        """
+        path = self.runs_dir / f"{key}.json"
+        if path.is_file():
+            try:
+                rec = json.loads(path.read_text())
+                if rec.get("params") == _plain(self.params):
+                    return rec["result"]
+            except (json.JSONDecodeError, KeyError):
+                pass  # a corrupt record is recomputed
+        t0 = time.time()
+        result = compute()
+        atomic_write_json(path, {"key": key, "params": _plain(self.params), "seconds": round(time.time() - t0, 2),
+                                 "result": result})
+        return json.loads(json.dumps(_plain(result)))
+
+    def finish(self, metrics: dict, summary: list[dict] | None = None) -> Path:
+        """Write ``metrics.json``: metrics, README summary rows and provenance (profile, seeds, params, commit...)."""
+        for row in summary or []:
+            unknown = set(row) - _SUMMARY_KEYS
+            if unknown or not {"experiment", "metric", "value"} <= set(row):
+                raise ValueError(f"bad summary row {row}: keys must be among {sorted(_SUMMARY_KEYS)}")
+            check_finite(float(row["value"]), f"summary value {row['experiment']}/{row['metric']}")
+        record = {
+            "notebook": self.notebook,
+            "profile": self.profile,
+            "seeds": list(self.seeds),
+            "params": _plain(self.params),
+            "status": "complete",
+            "wall_time_s": round(time.time() - self.started, 1),
+            "provenance": provenance(repo_root()),
+            "figures": sorted(self.figures),
+            "summary": summary or [],
+            "metrics": metrics,
+        }
+        return atomic_write_json(self.dir / "metrics.json", record)
+
+
+def _plain(obj):
+    return json.loads(json.dumps(obj, default=str))
+
+
+def start_run(notebook: str, profile: str, seeds, params: dict[str, Any]) -> Run:
+    """Validate the profile, create ``results/<notebook>/<profile>/`` and return a :class:`Run`."""
+    if profile not in PROFILES:
+        raise ParameterError(f"parameter 'profile' must be one of {', '.join(PROFILES)}, got {profile!r}")
+    seeds = [int(s) for s in (seeds if isinstance(seeds, (list, tuple)) else [seeds])]
+    if not seeds:
+        raise ParameterError("at least one seed is needed")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = results_dir(notebook, profile)
+    out.mkdir(parents=True, exist_ok=True)
+    return Run(notebook=notebook, profile=profile, seeds=seeds, params=dict(params, profile=profile, seeds=seeds),
+               dir=out)
+
+
+def load_metrics(notebook: str, profile: str) -> dict | None:
+    path = results_dir(notebook, profile) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
