@@ -79,7 +79,8 @@ def _run(repo, *args):
 
 
 def test_runner_executes_caps_output_and_resumes(repo):
-    (repo / "configs" / "cpu.yaml").write_text("00_toy:\n  steps: 7\n")
+    (repo / "configs" / "cpu").mkdir()
+    (repo / "configs" / "cpu" / "00_toy.yaml").write_text("steps: 7\n")
     r = _run(repo, "--profile", "cpu")
     assert r.returncode == 0, r.stdout + r.stderr
     out = repo / "results" / "00_toy" / "cpu"
@@ -90,7 +91,7 @@ def test_runner_executes_caps_output_and_resumes(repo):
     assert "[output truncated by reproduce.run]" in executed and len(executed) < 40_000
     r2 = _run(repo, "--profile", "cpu")
     assert "complete, skipped" in r2.stdout
-    (repo / "configs" / "cpu.yaml").write_text("00_toy:\n  steps: 8\n")  # new parameters: runs again
+    (repo / "configs" / "cpu" / "00_toy.yaml").write_text("steps: 8\n")  # new parameters: runs again
     r3 = _run(repo, "--profile", "cpu")
     assert "done in" in r3.stdout and json.loads((out / "metrics.json").read_text())["metrics"]["steps"] == 8
     # the README table is generated from the JSON, with the paper's number looked up by key
@@ -102,7 +103,8 @@ def test_runner_executes_caps_output_and_resumes(repo):
 
 
 def test_runner_rejects_bad_config_before_running(repo):
-    (repo / "configs" / "cpu.yaml").write_text("00_toy:\n  loss: triplet\n")
+    (repo / "configs" / "cpu").mkdir()
+    (repo / "configs" / "cpu" / "00_toy.yaml").write_text("loss: triplet\n")
     r = _run(repo, "--profile", "cpu")
     assert r.returncode == 2 and "one of: infonce, decomposable" in r.stderr
     assert not (repo / "results").exists()

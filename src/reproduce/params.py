@@ -22,18 +22,25 @@ class ParameterError(ValueError):
 
 
 def load_profile(profile: str, configs_dir: Path) -> dict[str, dict[str, Any]]:
-    """``{notebook_stem: {param: value}}`` for ``profile`` (empty for smoke, whose values are the notebook defaults)."""
+    """``{notebook_stem: {param: value}}`` for ``profile``, read from ``configs/<profile>/<notebook>.yaml``.
+
+    The smoke profile is the notebooks' own defaults (no files). A notebook without a file for the profile runs
+    with its defaults.
+    """
     if profile not in PROFILES:
         raise ParameterError(f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
     if profile == "smoke":
         return {}
-    path = configs_dir / f"{profile}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"profile file {path} is missing")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict) or not all(isinstance(v, dict) or v is None for v in data.values()):
-        raise ParameterError(f"{path}: expected a mapping notebook -> {{parameter: value}}")
-    return {k: dict(v or {}) for k, v in data.items()}
+    folder = configs_dir / profile
+    if not folder.is_dir():
+        raise FileNotFoundError(f"profile folder {folder} is missing")
+    out = {}
+    for path in sorted(folder.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ParameterError(f"{path}: expected a mapping parameter -> value")
+        out[path.stem] = data
+    return out
 
 
 def notebook_parameters(path: Path) -> dict[str, dict[str, Any]]:

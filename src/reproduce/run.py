@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         plan = [(p, validate(p, overrides.get(p.stem, {}))) for p in notebooks]
         unknown = set(overrides) - {p.stem for p in sorted((root / "notebooks").glob("*.ipynb"))}
         if unknown:
-            raise ParameterError(f"configs/{args.profile}.yaml names unknown notebooks: {', '.join(sorted(unknown))}")
+            raise ParameterError(f"configs/{args.profile}/ has files for unknown notebooks: {', '.join(sorted(unknown))}")
     except (ParameterError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
