@@ -63,7 +63,7 @@ table: setup
 	$(PY) -m reproduce.table --write-readme
 
 bench: setup
-	$(PY) -m benchmarks.run_all
+	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean-results:
 	rm -rf results/*/smoke
