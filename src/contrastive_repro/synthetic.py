@@ -1,0 +1,441 @@
+r"""The synthetic noise study (notebook 01): a contrastive problem whose optimum is known exactly.
+
+Problem
+-------
+``K`` classes sit on a "Fourier torus" in the unit sphere of ``R^(2m)``::
+
+    mu_k = (1/sqrt(m)) [cos(2 pi l k / K), sin(2 pi l k / K)]_{l=1..m},     k = 0..K-1.
+
+Their Gram matrix is circulant (``<mu_j, mu_k>`` depends on ``j - k mod K`` only). Pairs are drawn as
+``x ~ Uniform(K)``, ``y | x ~ p(y | x) = softmax_y(<mu_x, mu_y> / tau)``; because every row of the circulant
+``exp(Gram / tau)`` has the same sum, the marginal of ``y`` is uniform too, so the pointwise mutual information is
+``log p(y|x)/p(y) = <mu_x, mu_y>/tau + c`` -- exactly what the model below can represent.
+
+Model: two embedding tables ``F, G`` (``[K, 2m]``), scores ``s(x, y) = <F_x/|F_x|, G_y/|G_y|> / tau``.
+
+Generalized (infinite-negative) loss and its optimum
+----------------------------------------------------
+Negatives are the other samples' ``y``, i.e. draws from the marginal ``p(y)``::
+
+    L(F, G) = E_{p(x,y)}[-s(x, y)] + E_x log Z_x,    Z_x = E_{y ~ p(y)} exp(s(x, y)).
+
+With ``q(y|x) = p(y) exp(s(x,y)) / Z_x`` (the model's conditional) one has ``L - L* = E_x KL(p(.|x) || q(.|x))``,
+so ``L`` is minimized exactly when ``q = p``, e.g. at ``F = G = mu`` (and any common rotation of it).
+
+Quality metric (1.0 exactly at the optimum)
+-------------------------------------------
+``metric = 1 - (L - L*) / I(X;Y) = 1 - E_x KL(p(.|x) || q(.|x)) / I(X;Y)``: the fraction of the mutual information
+the embeddings capture. ``1`` at the optimum, ``0`` for embeddings that carry no information (``q = p(y)``),
+negative when worse than that. It is computed exactly by enumerating the ``K x K`` table.
+
+Noise (keeps the minibatch estimate of Z unbiased)
+--------------------------------------------------
+In a batch of ``B`` pairs, anchor ``i`` uses the other ``B - 1`` samples' ``y_j`` as negatives and the estimate
+``Zhat_i = 1/(B-1) sum_{j != i} w_ij exp(s(x_i, y_j))``, where the ``w_ij`` are i.i.d. ``Gamma(k, rate=k)`` with
+``k = 1/noise``: mean 1, variance ``noise``. So ``E[Zhat_i] = Z_{x_i}`` at every noise level (the negatives'
+distribution is untouched: noise changing *which* negatives appear would bias both losses alike). As the variance
+grows the weights become sparse spikes: the normalized weights ``w / sum w`` are Dirichlet(k, ..., k), so the
+estimate rests on roughly ``n_eff = (B - 1) / (1 + noise)`` effective negatives (``noise = 0``: plain minibatch).
+
+* conventional loss ``mean_i[-s_ii + log Zhat_i]``: its gradient ``grad Zhat / Zhat`` is biased (Jensen), and the
+  bias grows with the noise / shrinks with ``B``: SGD converges to a fixed point that is *not* the optimum.
+* decomposable loss ``mean_i[-s_ii + u_{x_i} Zhat_i]`` with ``u_x`` from the E-step
+  (:mod:`contrastive_repro.losses.decomposable`): unbiased for fixed ``u``; at ``u_x = 1/Z_x`` its expected
+  gradient is the exact ``grad L``.
+
+The E-step needs ``1/Z_x`` and has a Jensen gap of its own: ``E[1/Zbar] > 1/Z``. With these gamma weights a single
+batch's ``Zhat`` is bounded by gamma variables of total shape ``(B - 1)/noise``, so ``E[1/Zhat]`` is *infinite*
+once ``noise >= B - 1`` (fewer than about one effective negative): ``u`` must come from an average over batches --
+the per-class running average of ``train_run`` (classes are the data points here: ``Z`` depends on the anchor's
+class only). Its momentum trades the Jensen gap (and staleness) against variance: with the current batch in the
+average, ``u`` shrinks when ``Zhat`` spikes, which damps the heavy-tailed M-step gradient.
+
+Runs are vectorized over seeds: every seed has its own initialization (the same for both losses), and for a given
+list of seeds both losses see the same batches and noise (paired comparison).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .losses.decomposable import conventional_terms, decomposable_terms, e_step_log_u, ema_log
+from .utils import check_finite
+
+__all__ = ["SyntheticProblem", "make_problem", "noise_log_weights", "minibatch_scores", "train_run",
+           "noise_study", "gradient_bias", "init_params", "effective_negatives"]
+
+LOSSES = ("infonce", "decomposable")
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Temporarily use ``n`` intra-op threads. The study's tensors are tiny: one thread is fastest, and extra threads
+    only add synchronization (tens of times slower on a machine whose cores are busy)."""
+    if n is None:
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+@dataclass
+class SyntheticProblem:
+    """``K`` classes on a Fourier torus; see the module docstring. Tensors are float64 on CPU."""
+
+    mu: torch.Tensor            # [K, d] true unit embeddings
+    log_p_cond: torch.Tensor    # [K, K] log p(y | x)
+    tau: float
+    mutual_information: float   # I(X;Y) in nats
+    optimal_loss: float         # L* = L(mu, mu)
+
+    @property
+    def num_classes(self) -> int:
+        return self.mu.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.mu.shape[1]
+
+    def scores(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``s(x, y)`` for all classes: ``[..., K, K]`` from tables ``[..., K, d]``."""
+        return F.normalize(f, dim=-1) @ F.normalize(g, dim=-1).transpose(-1, -2) / self.tau
+
+    def generalized_loss(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Exact ``L(F, G)`` (``[...]``), by enumeration of the ``K x K`` table."""
+        s = self.scores(f, g)
+        p_cond = self.log_p_cond.to(s).exp()
+        k = self.num_classes
+        return (-(p_cond * s).sum(-1) + torch.logsumexp(s, dim=-1) - math.log(k)).mean(-1)
+
+    def metric(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``1 - E_x KL(p(.|x) || q(.|x)) / I(X;Y)``: 1.0 exactly at the optimum (``[...]``, float64)."""
+        s = self.scores(f.double(), g.double())
+        log_q = torch.log_softmax(s, dim=-1)                      # p(y) is uniform
+        lp = self.log_p_cond.to(s)
+        kl = (lp.exp() * (lp - log_q)).sum(-1).mean(-1)
+        return 1.0 - kl / self.mutual_information
+
+    def optimum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mu.clone(), self.mu.clone()
+
+    def sample_pairs(self, n_runs: int, batch_size: int, generator: torch.Generator | None = None):
+        """``x, y`` of shape ``[n_runs, batch_size]`` drawn i.i.d. from ``p(x, y)``."""
+        k = self.num_classes
+        x = torch.randint(0, k, (n_runs, batch_size), generator=generator)
+        cdf = self.log_p_cond.exp().cumsum(-1)
+        r = torch.rand(n_runs, batch_size, 1, generator=generator, dtype=cdf.dtype)
+        y = torch.searchsorted(cdf[x], r * cdf[x][..., -1:]).squeeze(-1).clamp_max(k - 1)
+        return x, y
+
+
+def make_problem(num_classes: int = 32, num_frequencies: int = 2, tau: float = 0.5) -> SyntheticProblem:
+    """The Fourier-torus problem: ``K = num_classes`` points in ``R^(2 * num_frequencies)``, temperature ``tau``."""
+    if num_classes < 3 or num_frequencies < 1 or 2 * num_frequencies >= num_classes:
+        raise ValueError("need num_classes >= 3 and 1 <= num_frequencies < num_classes / 2")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    k = torch.arange(num_classes, dtype=torch.float64)
+    cols = []
+    for l in range(1, num_frequencies + 1):
+        cols += [torch.cos(2 * math.pi * l * k / num_classes), torch.sin(2 * math.pi * l * k / num_classes)]
+    mu = torch.stack(cols, dim=1) / math.sqrt(num_frequencies)
+    log_p_cond = torch.log_softmax(mu @ mu.T / tau, dim=1)
+    mi = float((log_p_cond.exp() * (log_p_cond + math.log(num_classes))).sum(1).mean())
+    prob = SyntheticProblem(mu=mu, log_p_cond=log_p_cond, tau=float(tau), mutual_information=mi, optimal_loss=0.0)
+    prob.optimal_loss = float(prob.generalized_loss(mu, mu))
+    return prob
+
+
+def effective_negatives(batch_size: int, noise: float) -> float:
+    """``n_eff = (B - 1) / (1 + noise)``: how many negatives the noisy estimate effectively rests on."""
+    return (batch_size - 1) / (1.0 + noise)
+
+
+def noise_log_weights(shape: Sequence[int], noise: float,
+                      rng: np.random.Generator | int | None = None) -> torch.Tensor | None:
+    """``log w`` (float64 tensor) with ``w ~ Gamma(1/noise, rate=1/noise)`` i.i.d.: mean 1, variance ``noise``;
+    ``None`` for ``noise == 0``.
+
+    Drawn in log space as ``log Gamma(k + 1) + log(U) / k - log k`` (``k = 1/noise``, ``U ~ Uniform(0, 1)``; the
+    gamma "boost" identity), so the tiny weights of heavy noise do not underflow to 0. ``rng``: a NumPy generator
+    or seed (NumPy's gamma sampler is several times faster than torch's for small shapes).
+    """
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    if noise == 0:
+        return None
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    k = 1.0 / noise
+    shape = tuple(int(n) for n in shape)
+    g = torch.from_numpy(rng.standard_gamma(1.0 + k, shape))
+    u = torch.from_numpy(rng.random(shape)).clamp_min(torch.finfo(torch.float64).tiny)
+    return g.log() + u.log() / k - math.log(k)
+
+
+def minibatch_scores(problem: SyntheticProblem, f: torch.Tensor, g: torch.Tensor, x: torch.Tensor,
+                     y: torch.Tensor, log_w: torch.Tensor | None = None):
+    """Positive scores ``s(x_i, y_i)`` and ``log Zhat_i`` (noisy, in-batch negatives ``j != i``), ``[R, B]`` each,
+    for tables ``f, g`` of shape ``[R, K, d]`` (or ``[K, d]`` shared by all runs) and classes ``x, y`` ``[R, B]``."""
+    d = f.shape[-1]
+    if f.dim() == 2:                                                   # one table shared by all runs
+        fx, gy = F.embedding(x, F.normalize(f, dim=-1)), F.embedding(y, F.normalize(g, dim=-1))
+    else:
+        fx = F.normalize(f, dim=-1).gather(1, x.unsqueeze(-1).expand(-1, -1, d))
+        gy = F.normalize(g, dim=-1).gather(1, y.unsqueeze(-1).expand(-1, -1, d))
+    logits = fx @ gy.transpose(1, 2) / problem.tau                    # [R, B, B]
+    pos = logits.diagonal(dim1=1, dim2=2)
+    if log_w is not None:
+        logits = logits + log_w
+    b = x.shape[1]
+    eye = torch.eye(b, dtype=torch.bool, device=logits.device)
+    log_zhat = torch.logsumexp(logits.masked_fill(eye, float("-inf")), dim=-1) - math.log(b - 1)
+    return pos, log_zhat
+
+
+def init_params(problem: SyntheticProblem, seeds: Sequence[int], scale: float = 1.0, dtype=torch.float64):
+    """Random tables ``F, G`` (``[len(seeds), K, d]``), each seed's from its own generator."""
+    fs, gs = [], []
+    for s in seeds:
+        gen = torch.Generator().manual_seed(int(s))
+        fs.append(scale * torch.randn(problem.num_classes, problem.dim, generator=gen, dtype=dtype))
+        gs.append(scale * torch.randn(problem.num_classes, problem.dim, generator=gen, dtype=dtype))
+    return torch.stack(fs), torch.stack(gs)
+
+
+def _class_mean_log(values: torch.Tensor, classes: torch.Tensor, num_classes: int):
+    """Per-(run, class) ``log mean exp`` of ``values`` ``[R, B]`` over the batch entries of each class; and the
+    mask of classes present."""
+    r = values.shape[0]
+    cnt = torch.zeros(r, num_classes, dtype=values.dtype).scatter_add_(1, classes, torch.ones_like(values))
+    m = values.max()
+    tot = torch.zeros(r, num_classes, dtype=values.dtype).scatter_add_(1, classes, torch.exp(values - m))
+    present = cnt > 0
+    out = torch.log(tot.clamp_min(torch.finfo(values.dtype).tiny)) + m - torch.log(cnt.clamp_min(1.0))
+    return out, present
+
+
+def train_run(loss: str = "infonce", noise: float = 0.0, seed: int | Sequence[int] = 0, steps: int = 2000,
+              batch_size: int = 64, lr: float = 16.0, *, problem: SyntheticProblem | None = None,
+              momentum: float = 0.8, e_step: str = "mean", z_estimate: str = "running",
+              schedule: str = "cosine", log_every: int = 50, init_scale: float = 1.0,
+              num_threads: int | None = 1) -> dict:
+    """Train the embedding tables with SGD on the conventional (``"infonce"``) or decomposable loss.
+
+    ``seed`` may be a list: the runs are vectorized over seeds (``[S, K, d]`` tables, one generator per seed for the
+    initialization -- the same for both losses -- and one shared RNG stream for batches and noise, so both losses
+    see identical data for identical ``seed`` lists). ``lr`` is the SGD step size on the per-batch mean loss
+    (cosine-decayed to 0 with ``schedule="cosine"``).
+
+    Decomposable loss: per-class state ``Zbar_x`` (classes are the data points: ``Z`` depends on the anchor's class
+    only). E-step ``z_estimate="running"``: ``Zbar_x <- momentum Zbar_x + (1 - momentum) mean_{i: x_i = x} Zhat_i``
+    (first visit initializes), ``"minibatch"``: ``u_i = 1/Zhat_i`` of this batch, per anchor (this *is* the
+    conventional gradient; a control),
+    ``"exact"``: the true ``Z_x`` of the current tables (an oracle, for analysis); then ``u = 1/Zbar`` (``"mean"``) or
+    ``~ Gamma(1, Zbar)`` (``"sample"``). M-step: ``mean_i[-s_ii + u_{x_i} Zhat_i]``.
+
+    ``num_threads``: torch intra-op threads during the run (restored afterwards; ``None`` leaves them alone).
+
+    Returns a dict with ``step`` (``[T]``), ``metric`` and ``loss`` (exact generalized loss) ``[S, T]`` numpy arrays,
+    ``final_metric`` ``[S]``, ``seeds``, ``config``, ``seconds``, ``final_params`` (the tables ``F, G``).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if z_estimate not in ("running", "minibatch", "exact"):
+        raise ValueError(f"z_estimate must be 'running', 'minibatch' or 'exact', got {z_estimate!r}")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if batch_size < 2 or steps < 1:
+        raise ValueError("need batch_size >= 2 and steps >= 1")
+    problem = problem or make_problem()
+    seeds = [int(seed)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+    config = dict(loss=loss, noise=float(noise), steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
+                  e_step=e_step, z_estimate=z_estimate, schedule=schedule, init_scale=init_scale,
+                  num_classes=problem.num_classes, dim=problem.dim, tau=problem.tau)
+    t0 = time.perf_counter()
+    f, g = init_params(problem, seeds, init_scale)
+    f.requires_grad_(True)
+    g.requires_grad_(True)
+    n_runs, k = len(seeds), problem.num_classes
+    log_zbar = torch.zeros(n_runs, k, dtype=torch.float64)
+    seen = torch.zeros(n_runs, k, dtype=torch.bool)
+    hist_step, hist_metric, hist_loss = [], [], []
+
+    def log(t):
+        with torch.no_grad():
+            hist_step.append(t)
+            hist_metric.append(problem.metric(f, g))
+            hist_loss.append(problem.generalized_loss(f, g))
+
+    stream_seed = int(np.random.SeedSequence(seeds).generate_state(1)[0])
+    data_gen = torch.Generator().manual_seed(stream_seed)
+    noise_rng = np.random.default_rng(stream_seed)
+    with torch.random.fork_rng(devices=[]), _torch_threads(num_threads):   # e_step="sample": global RNG
+        torch.manual_seed(stream_seed)
+        log(0)
+        for t in range(steps):
+            x, y = problem.sample_pairs(n_runs, batch_size, data_gen)
+            log_w = noise_log_weights((n_runs, batch_size, batch_size), noise, noise_rng)
+            pos, log_zhat = minibatch_scores(problem, f, g, x, y, log_w)
+            pos = torch.zeros_like(pos)                          # negative part only (see above)
+            if loss == "infonce":
+                terms = conventional_terms(pos, log_zhat)
+            else:
+                with torch.no_grad():
+                    if z_estimate == "minibatch":                 # per anchor: u_i = 1/Zhat_i (conventional)
+                        log_zbar_x = log_zhat.detach()
+                    elif z_estimate == "exact":                   # oracle: the true Z_x of the current tables
+                        log_zbar = torch.logsumexp(problem.scores(f, g), dim=-1) - math.log(k)
+                        log_zbar_x = log_zbar.gather(1, x)
+                    else:                                         # running average per class (data point)
+                        fresh, present = _class_mean_log(log_zhat.detach(), x, k)
+                        upd = ema_log(log_zbar, fresh, momentum, seen)
+                        log_zbar = torch.where(present, upd, log_zbar)
+                        seen = seen | present
+                        log_zbar_x = log_zbar.gather(1, x)
+                    log_u = e_step_log_u(log_zbar_x, 1.0, e_step)
+                terms = decomposable_terms(pos, log_zhat, log_u)
+            total = terms.mean(dim=1).sum()                       # sum over runs of each run's batch mean
+            gf, gg = torch.autograd.grad(total, (f, g))
+            step_lr = lr * 0.5 * (1.0 + math.cos(math.pi * t / steps)) if schedule == "cosine" else lr
+            with torch.no_grad():
+                f -= step_lr * gf
+                g -= step_lr * gg
+            if (t + 1) % log_every == 0 or t + 1 == steps:
+                log(t + 1)
+                check_finite(hist_metric[-1], f"synthetic {loss} metric (noise={noise})")
+    metric = torch.stack(hist_metric, dim=1).numpy()
+    return {"step": np.asarray(hist_step), "metric": metric, "loss": torch.stack(hist_loss, dim=1).numpy(),
+            "final_metric": metric[:, -1].copy(), "seeds": seeds, "config": config,
+            "seconds": time.perf_counter() - t0,
+            "final_params": (f.detach().clone(), g.detach().clone())}
+
+
+def _study_job(args):
+    loss, noise, kwargs, problem_kwargs = args
+    return (loss, noise), train_run(loss, noise, problem=make_problem(**problem_kwargs), **kwargs)
+
+
+def noise_study(noise_levels: Sequence[float] = (0.0, 64.0, 256.0, 1024.0),
+                losses: Sequence[str] = LOSSES, seeds: Sequence[int] = tuple(range(10)), *,
+                problem_kwargs: dict | None = None, workers: int = 1, **train_kwargs) -> dict:
+    """Run :func:`train_run` for every (loss, noise level), each vectorized over ``seeds``.
+
+    Returns ``{(loss, noise): history}``. ``workers > 1`` runs the configurations in that many processes (each
+    single-threaded; on 2 cores ``workers=2`` halves the wall time). ``problem_kwargs`` go to :func:`make_problem`,
+    the rest to :func:`train_run`.
+    """
+    problem_kwargs = dict(problem_kwargs or {})
+    jobs = [(loss, float(noise), dict(train_kwargs, seed=list(seeds)), problem_kwargs)
+            for noise in noise_levels for loss in losses]
+    if workers <= 1:
+        return dict(_study_job(j) for j in jobs)
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        return dict(pool.map(_study_job, jobs))
+
+
+def gradient_bias(loss: str, batch_size: int, n_draws: int = 20000, noise: float = 0.0, *,
+                  problem: SyntheticProblem | None = None, params: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  seed: int = 0, e_step_batches: int | None = None, chunk: int | None = None,
+                  return_error: bool = False, num_threads: int | None = 1):
+    """Relative bias ``||E[g_B] - g_full|| / ||g_full||`` of the minibatch gradient (w.r.t. the tables ``F, G``).
+
+    ``g_full`` is the exact gradient of the generalized loss; ``E[g_B]`` is the mean over ``n_draws`` random noisy
+    batches of size ``batch_size``. Only the negative (partition-function) part of the gradients is sampled: the
+    positive part's expectation is exact in both losses, so ``E[g_B] - g_full`` equals the difference of the
+    negative parts, which is estimated with less Monte Carlo noise. ``params``: the tables (``[K, d]`` each) to evaluate at; default a random
+    initialization from ``seed``. Decomposable: ``u_x = 1/Z_x`` exact (``e_step_batches=None``; the M-step is then
+    unbiased) or ``1/Zbar_x`` with ``Zbar_x`` the mean of ``e_step_batches`` independent noisy minibatch estimates
+    (the E-step's Jensen gap; a fresh ``Zbar`` per draw). ``return_error=True`` also returns the Monte Carlo
+    standard error of the estimate on the same relative scale (from 25 chunks of draws).
+    """
+    with _torch_threads(num_threads):
+        return _gradient_bias(loss, batch_size, n_draws, noise, problem, params, seed, e_step_batches, chunk,
+                              return_error)
+
+
+def _gradient_bias(loss, batch_size, n_draws, noise, problem, params, seed, e_step_batches, chunk, return_error):
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    problem = problem or make_problem()
+    k = problem.num_classes
+    if params is None:
+        f0, g0 = init_params(problem, [seed])
+        f0, g0 = f0[0], g0[0]
+    else:
+        f0, g0 = (p.detach().double() for p in params)
+    f = f0.clone().requires_grad_(True)
+    g = g0.clone().requires_grad_(True)
+    full = torch.autograd.grad(problem.generalized_loss(f, g), (f, g))
+    g_full = torch.cat([t.reshape(-1) for t in full])
+    # The positive term -s(x_i, y_i) has the same, exactly known expectation in every loss; only the negative part
+    # can be biased. Comparing the negative parts gives the same bias with less Monte Carlo noise.
+    full_neg = torch.autograd.grad((torch.logsumexp(problem.scores(f, g), dim=-1) - math.log(k)).mean(), (f, g))
+    g_full_neg = torch.cat([t.reshape(-1) for t in full_neg])
+    with torch.no_grad():
+        log_z_true = torch.logsumexp(problem.scores(f0, g0), dim=-1) - math.log(k)
+    n_chunks = 25
+    chunk = chunk or max(1, min(4096, 2_000_000 // (batch_size * batch_size)))
+    per_chunk = max(1, math.ceil(n_draws / n_chunks))
+    chunk_means = []
+    data_gen = torch.Generator().manual_seed(seed + 1)
+    noise_rng = np.random.default_rng(seed + 1)
+    for _ in range(n_chunks):
+        acc, done = torch.zeros_like(g_full), 0
+        while done < per_chunk:
+            r = min(chunk, per_chunk - done)
+            x, y = problem.sample_pairs(r, batch_size, data_gen)
+            log_w = noise_log_weights((r, batch_size, batch_size), noise, noise_rng)
+            pos, log_zhat = minibatch_scores(problem, f, g, x, y, log_w)
+            pos = torch.zeros_like(pos)                          # negative part only (see above)
+            if loss == "infonce":
+                terms = conventional_terms(pos, log_zhat)
+            else:
+                with torch.no_grad():
+                    if e_step_batches is None:
+                        log_zbar = log_z_true.expand(r, -1)
+                    else:
+                        log_zbar = _independent_estimate(problem, f0, g0, r, batch_size, noise, e_step_batches,
+                                                         data_gen, noise_rng)
+                    log_u = -log_zbar.gather(1, x)
+                terms = decomposable_terms(pos, log_zhat, log_u)
+            gs = torch.autograd.grad(terms.mean(dim=1).sum(), (f, g))
+            acc += torch.cat([t.reshape(-1) for t in gs])
+            done += r
+        chunk_means.append(acc / per_chunk)
+    means = torch.stack(chunk_means)
+    mean = means.mean(0)
+    rel = float((mean - g_full_neg).norm() / g_full.norm())
+    if not return_error:
+        return rel
+    se = float(math.sqrt(means.var(0).sum().item() / n_chunks) / g_full.norm())
+    return rel, se
+
+
+@torch.no_grad()
+def _independent_estimate(problem, f0, g0, r, batch_size, noise, n_batches, data_gen, noise_rng):
+    """``log Zbar_x`` per draw: mean over ``n_batches`` independent noisy estimates, each from ``B - 1`` negatives
+    ``y ~ p(y)`` (every class gets its own; ``[r, K]``)."""
+    k = problem.num_classes
+    s = problem.scores(f0, g0)                                     # [K, K]
+    n = batch_size - 1
+    y = torch.randint(0, k, (r, n_batches, k, n), generator=data_gen)   # the marginal of y is uniform
+    vals = s[torch.arange(k).view(1, 1, k, 1), y]                  # s(x, y) for anchor class x: [r, nb, K, n]
+    log_w = noise_log_weights(vals.shape, noise, noise_rng)
+    if log_w is not None:
+        vals = vals + log_w
+    est = torch.logsumexp(vals, dim=-1) - math.log(n)             # [r, n_batches, K]
+    return torch.logsumexp(est, dim=1) - math.log(n_batches)

@@ -1,0 +1,192 @@
+"""The synthetic noise study: known optimum (metric exactly 1.0), unbiased noise, agreement with the library's
+losses, gradient bias of both losses, and short training runs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from contrastive_repro.losses.decomposable import (DecomposableContrastiveLoss, conventional_contrastive_loss,
+                                                    conventional_terms, decomposable_terms)
+from contrastive_repro.synthetic import (effective_negatives, gradient_bias, init_params, make_problem,
+                                         minibatch_scores, noise_log_weights, train_run)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest (extra threads only synchronize, badly so on a busy machine)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem(num_classes=16, num_frequencies=2, tau=0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the problem and its optimum
+# ---------------------------------------------------------------------------------------------------------------
+def test_problem_structure(problem):
+    k = problem.num_classes
+    assert torch.allclose(problem.mu.norm(dim=1), torch.ones(k, dtype=torch.float64))
+    p_cond = problem.log_p_cond.exp()
+    assert torch.allclose(p_cond.sum(1), torch.ones(k, dtype=torch.float64))
+    assert torch.allclose(p_cond.mean(0), torch.full((k,), 1 / k, dtype=torch.float64))   # marginal of y uniform
+    # PMI = <mu_x, mu_y>/tau + c_x: realizable by the model
+    pmi = problem.log_p_cond + math.log(k)
+    resid = pmi - problem.mu @ problem.mu.T / problem.tau
+    assert torch.allclose(resid, resid[:, :1].expand_as(resid), atol=1e-12)
+    mi = float((p_cond * pmi).sum(1).mean())
+    assert problem.mutual_information == pytest.approx(mi) and mi > 0
+
+
+def test_metric_is_exactly_one_at_the_optimum_and_zero_without_information(problem):
+    f, g = problem.optimum()
+    assert float(problem.metric(f, g)) == pytest.approx(1.0, abs=1e-12)
+    rot, _ = torch.linalg.qr(torch.randn(problem.dim, problem.dim, dtype=torch.float64,
+                                         generator=torch.Generator().manual_seed(0)))
+    assert float(problem.metric(f @ rot, g @ rot)) == pytest.approx(1.0, abs=1e-12)   # rotation invariant
+    const = torch.ones_like(f)
+    assert float(problem.metric(const, const)) == pytest.approx(0.0, abs=1e-12)
+    assert float(problem.generalized_loss(f, g)) == pytest.approx(problem.optimal_loss, abs=1e-12)
+
+
+def test_loss_gap_is_expected_kl(problem):
+    f, g = init_params(problem, [0, 1, 2])
+    gap = problem.generalized_loss(f, g) - problem.optimal_loss
+    log_q = torch.log_softmax(problem.scores(f, g), dim=-1)
+    lp = problem.log_p_cond
+    kl = (lp.exp() * (lp - log_q)).sum(-1).mean(-1)
+    assert torch.allclose(gap, kl, atol=1e-12)
+    assert (gap > 0).all()
+    assert torch.allclose(problem.metric(f, g), 1 - kl / problem.mutual_information)
+    # the optimum is a minimum: small perturbations lower the metric
+    fo, go = problem.optimum()
+    assert (problem.metric(fo + 0.05 * f, go + 0.05 * g) < 1.0).all()
+
+
+def test_sample_pairs_follow_the_joint(problem):
+    x, y = problem.sample_pairs(200, 1000, torch.Generator().manual_seed(1))
+    k = problem.num_classes
+    counts = torch.zeros(k, k, dtype=torch.float64).index_put_((x.flatten(), y.flatten()),
+                                                              torch.ones(x.numel(), dtype=torch.float64),
+                                                              accumulate=True)
+    joint = problem.log_p_cond.exp() / k
+    n = x.numel()
+    z = (counts / n - joint) / torch.sqrt(joint * (1 - joint) / n)
+    assert z.abs().max() < 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# noise: mean-one weights; the noisy minibatch estimate of Z stays unbiased
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("noise", [0.5, 4.0, 64.0])
+def test_noise_weights_have_mean_one_and_variance_noise(noise):
+    lw = noise_log_weights((1_000_000,), noise, rng=3)
+    w = lw.exp()
+    assert abs(w.mean().item() - 1) < 5 * math.sqrt(noise / w.numel())
+    if noise <= 4:
+        assert w.var().item() == pytest.approx(noise, rel=0.05)
+    assert torch.isfinite(lw).all()
+    assert noise_log_weights((3,), 0.0) is None
+    assert effective_negatives(65, 3.0) == 16.0
+
+
+@pytest.mark.parametrize("noise", [0.0, 16.0])
+def test_noisy_minibatch_estimate_of_z_is_unbiased(problem, noise):
+    k, b, r = problem.num_classes, 8, 20_000
+    f, g = init_params(problem, [4])
+    gen = torch.Generator().manual_seed(5)
+    x, y = problem.sample_pairs(r, b, gen)
+    log_w = noise_log_weights((r, b, b), noise, rng=6)
+    _, log_zhat = minibatch_scores(problem, f.expand(r, -1, -1), g.expand(r, -1, -1), x, y, log_w)
+    z_true = torch.logsumexp(problem.scores(f[0], g[0]), dim=-1).exp() / k
+    zhat = log_zhat.exp()
+    for c in range(k):
+        vals = zhat[x == c]
+        se = vals.std() / math.sqrt(vals.numel())
+        assert abs(vals.mean() - z_true[c]) < 5 * se + 1e-12, c
+
+
+def test_minibatch_terms_agree_with_the_library_losses(problem):
+    f, g = init_params(problem, [7])
+    x, y = problem.sample_pairs(1, 10, torch.Generator().manual_seed(8))
+    pos, log_zhat = minibatch_scores(problem, f, g, x, y)
+    a, p = F.normalize(f[0], dim=-1)[x[0]], F.normalize(g[0], dim=-1)[y[0]]
+    conv = conventional_contrastive_loss(a, p, problem.tau, normalize=False)
+    assert torch.allclose(conventional_terms(pos, log_zhat).mean(), conv, rtol=1e-12)
+    u = torch.rand(10, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) + 0.5
+    mod = DecomposableContrastiveLoss(10, tau=problem.tau, normalize=False).double()
+    assert torch.allclose(decomposable_terms(pos, log_zhat, u.log()[None]).mean(), mod(a, p, u=u), rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gradient bias: the decomposable M-step (u = 1/Z) is unbiased, the conventional gradient is not
+# ---------------------------------------------------------------------------------------------------------------
+def test_gradient_bias_of_both_losses(problem):
+    rel = {}
+    for b in (4, 16):
+        d_bias, d_se = gradient_bias("decomposable", b, n_draws=8000, noise=64.0, problem=problem, return_error=True)
+        c_bias, c_se = gradient_bias("infonce", b, n_draws=8000, noise=64.0, problem=problem, return_error=True)
+        assert d_bias < 4 * d_se, (b, d_bias, d_se)                  # unbiased: only Monte Carlo error
+        assert c_bias > 6 * c_se, (b, c_bias, c_se)                  # biased
+        rel[b] = c_bias
+    assert rel[4] > rel[16]                                           # more bias for smaller batches
+    assert gradient_bias("infonce", 16, n_draws=8000, noise=0.0, problem=problem) < rel[16]   # and less noise
+
+
+def test_e_step_jensen_gap_shrinks_with_averaging(problem):
+    """u = 1/Zbar with Zbar from one noisy batch is biased upwards (E[1/Zbar] > 1/Z); averaging 20 batches
+    shrinks the gap to within Monte Carlo error."""
+    one, se1 = gradient_bias("decomposable", 16, n_draws=1500, noise=4.0, problem=problem, e_step_batches=1,
+                             return_error=True)
+    many, se = gradient_bias("decomposable", 16, n_draws=1500, noise=4.0, problem=problem, e_step_batches=20,
+                             return_error=True)
+    assert one > 3 * se1, (one, se1)
+    assert many < 0.5 * one and many < 3 * se, (one, many, se)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training runs
+# ---------------------------------------------------------------------------------------------------------------
+def test_train_run_shapes_and_determinism(problem):
+    kw = dict(noise=4.0, seed=[0, 1, 2], steps=60, batch_size=16, problem=problem, log_every=20)
+    h = train_run("decomposable", **kw)
+    assert h["metric"].shape == (3, 4) and h["loss"].shape == (3, 4)
+    assert list(h["step"]) == [0, 20, 40, 60]
+    assert np.allclose(h["final_metric"], h["metric"][:, -1])
+    assert np.array_equal(train_run("decomposable", **kw)["metric"], h["metric"])
+    assert np.isfinite(h["metric"]).all() and h["seconds"] > 0
+    with pytest.raises(ValueError):
+        train_run("nce", problem=problem)
+
+
+def test_minibatch_e_step_reproduces_the_conventional_run(problem):
+    """u = 1/Zhat of the same batch is exactly the conventional gradient: identical trajectories (same data)."""
+    kw = dict(noise=16.0, seed=[3, 4], steps=40, batch_size=16, problem=problem, log_every=10)
+    conv = train_run("infonce", **kw)
+    dec = train_run("decomposable", z_estimate="minibatch", **kw)
+    assert np.allclose(conv["metric"], dec["metric"], rtol=0, atol=1e-9)
+
+
+def test_short_training_improves_both_losses_without_noise(problem):
+    for loss in ("infonce", "decomposable"):
+        h = train_run(loss, 0.0, seed=[0, 1], steps=300, batch_size=32, problem=problem, log_every=100)
+        assert (h["final_metric"] > 0.9).all(), (loss, h["final_metric"])
+        assert (h["metric"][:, -1] > h["metric"][:, 0]).all()
+
+
+def test_noise_study_grid(problem):
+    from contrastive_repro.synthetic import noise_study
+
+    res = noise_study((0.0, 16.0), seeds=[0, 1], steps=20, batch_size=8, log_every=10,
+                      problem_kwargs=dict(num_classes=16))
+    assert set(res) == {(l, n) for l in ("infonce", "decomposable") for n in (0.0, 16.0)}
+    single = train_run("decomposable", 16.0, seed=[0, 1], steps=20, batch_size=8, log_every=10, problem=problem)
+    assert np.array_equal(res[("decomposable", 16.0)]["metric"], single["metric"])
