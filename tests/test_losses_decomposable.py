@@ -141,6 +141,35 @@ def test_shape_parameter_scales_the_uniformity_gradient():
         assert torch.allclose(x, y, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("offset,g_mult,both", [(0, 1, True), (0, 1, False), (4, 2, False), (8, 3, False)])
+def test_fused_in_batch_log_mean_exp_matches_autograd(offset, g_mult, both):
+    from contrastive_repro.losses.decomposable import _InBatchLogMeanExp
+
+    x, c = _feats(b=4, d=3, seed=30)[0], _feats(b=4 * g_mult, d=3, seed=31)[0]
+    x.requires_grad_(True)
+    c.requires_grad_(True)
+    mask = torch.zeros(4, 4 * g_mult, dtype=torch.bool)
+    mask[torch.arange(4), torch.arange(4) + offset] = True
+
+    def ref(x, c):
+        logits = (x @ c.T).masked_fill(mask, float("-inf"))
+        r = torch.logsumexp(logits, 1) - math.log(c.shape[0] - 1)
+        return (r, torch.logsumexp(logits, 0) - math.log(c.shape[0] - 1)) if both else (r,)
+
+    def fused(x, c):
+        r, col = _InBatchLogMeanExp.apply(x, c, offset, both)
+        return (r, col) if both else (r,)
+
+    for a, b in zip(fused(x, c), ref(x, c)):
+        assert torch.allclose(a, b, rtol=1e-12)
+    w = [torch.randn(4, dtype=DT), torch.randn(4 * g_mult, dtype=DT)]
+    g = torch.autograd.grad(sum((o * wi[: o.shape[0]]).sum() for o, wi in zip(fused(x, c), w)), (x, c))
+    g_ref = torch.autograd.grad(sum((o * wi[: o.shape[0]]).sum() for o, wi in zip(ref(x, c), w)), (x, c))
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+    assert torch.autograd.gradcheck(lambda x, c: fused(x, c)[0], (x, c))
+
+
 def test_gradcheck_with_fixed_u():
     a, p = _feats(b=4, d=3, seed=6)
     u = torch.tensor([[0.3, 1.2, 0.7, 2.0], [1.1, 0.4, 0.9, 0.5]], dtype=DT)

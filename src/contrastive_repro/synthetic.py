@@ -225,7 +225,7 @@ def _class_mean_log(values: torch.Tensor, classes: torch.Tensor, num_classes: in
     return out, present
 
 
-def train_run(loss: str = "infonce", noise: float = 0.0, seed: int | Sequence[int] = 0, steps: int = 2000,
+def train_run(loss: str = "infonce", noise: float = 0.0, seed: int | Sequence[int] = 0, steps: int = 3000,
               batch_size: int = 64, lr: float = 16.0, *, problem: SyntheticProblem | None = None,
               momentum: float = 0.8, e_step: str = "mean", z_estimate: str = "running",
               schedule: str = "cosine", log_every: int = 50, init_scale: float = 1.0,
@@ -245,6 +245,10 @@ def train_run(loss: str = "infonce", noise: float = 0.0, seed: int | Sequence[in
     ``~ Gamma(1, Zbar)`` (``"sample"``). M-step: ``mean_i[-s_ii + u_{x_i} Zhat_i]``.
 
     ``num_threads``: torch intra-op threads during the run (restored afterwards; ``None`` leaves them alone).
+
+    Defaults (``make_problem()``: K = 32, d = 4, tau = 0.5; B = 64, lr = 16 cosine, 3000 steps, momentum 0.8) were
+    chosen so that both losses reach about 0.998 without noise; 10 seeds x 3000 steps take 20-80 s per
+    (loss, noise) on one busy CPU core.
 
     Returns a dict with ``step`` (``[T]``), ``metric`` and ``loss`` (exact generalized loss) ``[S, T]`` numpy arrays,
     ``final_metric`` ``[S]``, ``seeds``, ``config``, ``seconds``, ``final_params`` (the tables ``F, G``).
@@ -287,7 +291,6 @@ def train_run(loss: str = "infonce", noise: float = 0.0, seed: int | Sequence[in
             x, y = problem.sample_pairs(n_runs, batch_size, data_gen)
             log_w = noise_log_weights((n_runs, batch_size, batch_size), noise, noise_rng)
             pos, log_zhat = minibatch_scores(problem, f, g, x, y, log_w)
-            pos = torch.zeros_like(pos)                          # negative part only (see above)
             if loss == "infonce":
                 terms = conventional_terms(pos, log_zhat)
             else:
