@@ -667,13 +667,16 @@ def make_batch_fn(pairs, tokenizer: ClipTokenizer, cfg: CLIPPretrainConfig, imag
     def batch_fn(i: int) -> dict:
         idx = batch_indices(i)
         words = [tokenizer.encode_words(captions[j]) for j in idx.tolist()]
-        batch = {"images": to_model_input(pairs.get_images(idx), image_size),
-                 "tokens": torch.stack([tokenizer.assemble(w) for w in words])}
+        clean = to_model_input(pairs.get_images(idx), image_size)
+        batch = {"images": clean, "tokens": torch.stack([tokenizer.assemble(w) for w in words])}
         if augmented:
             gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + 7919 * int(i) + 1)
-            anchor = torch.zeros(len(idx), dtype=torch.long)  # the clean image is render 0
-            view = _pick_views(pairs.n_views, len(idx), gen, exclude=anchor) if views else anchor
-            batch["images_aug"] = _render(pairs, idx, view, cfg, gen, image_size, crop)
+            if views:  # another render of the scene than the clean one (render 0)
+                anchor = torch.zeros(len(idx), dtype=torch.long)
+                view = _pick_views(pairs.n_views, len(idx), gen, exclude=anchor)
+                batch["images_aug"] = _render(pairs, idx, view, cfg, gen, image_size, crop)
+            else:  # the clean images, cropped and flipped (no second read of image files)
+                batch["images_aug"] = crop_flip(clean, gen, scale=cfg.crop_scale, flip=cfg.flip) if crop else clean
             if cfg.text_aug == "eda":
                 rng = np.random.default_rng([int(cfg.seed), int(i), 0xEDA])
                 batch["tokens_aug"] = torch.stack([
