@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 
 import numpy as np
 import pytest
@@ -303,3 +304,9 @@ def test_paper_data_path_runs_end_to_end_on_a_fixture_tree(tmp_path):
     assert {"retrieval_coco_test", "retrieval_flickr30k_test"} <= set(res)
     assert res["vqa"]["val2014_n"] == 10 and 0 <= res["vqa"]["val2014_vqa_score"] <= 1
     assert "dev_acc" in res["nlvr"] and "test1_acc" in res["nlvr"] and "test_acc" in res["ve"]
+
+
+def test_run_cached_parallel_in_worker_processes():
+    run = _FakeRun()  # a stdlib job function keeps the spawned workers from importing torch
+    out = aw.run_cached_parallel(run, {k: (operator.mul, (k, k), {}) for k in (2, 3, 4)}, workers=2)
+    assert out == {2: 4, 3: 9, 4: 16} and sorted(run.computed) == [2, 3, 4]

@@ -62,7 +62,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.world import VE_LABELS, Vocab, World
 from ..losses.modality import brownian_bridge_loss, geometric_consistency_loss, separation_loss
@@ -899,9 +898,14 @@ def run_cached_parallel(run, jobs: Mapping[str, tuple[Callable, tuple, dict]], w
         return out
     import multiprocessing as mp
 
-    with ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=mp.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(missing)), mp_context=mp.get_context("spawn"))
+    try:
         futures = {pool.submit(jobs[k][0], *jobs[k][1], **jobs[k][2]): k for k in missing}
         for fut in as_completed(futures):
             key = futures[fut]
             out[key] = run.cached(key, fut.result)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # a failure: stop, keep what is cached
+        raise
+    pool.shutdown()
     return {k: out[k] for k in jobs}
