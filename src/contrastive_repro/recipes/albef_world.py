@@ -19,6 +19,11 @@ augmented view of the pair (a re-rendered image and a re-worded caption for the 
 * ``"gc"``          :func:`~contrastive_repro.losses.modality.geometric_consistency_loss`, ``L_GC + L^a_GC`` with
   ``z^a`` the momentum features, the paper's ``1/N`` normalisation (``gc_reduction="batch"``).
 
+Short runs from random weights (ours, see :class:`PretrainConfig`): ``queue_warmup_steps`` keeps the feature queue
+empty for the first steps and ``reg_start_steps`` / ``reg_ramp_steps`` switch the regularizer on late, because at
+random initialisation every feature sits at nearly one point, where a queue of copies cancels the ITC gradient and
+the bridge / geometric-consistency terms are already ~0.
+
 Every model is built with the separation heads (unused, hence untouched, by the other methods), so for one seed all
 four methods start from the *same* initial weights and see the same batches: differences between methods at a seed
 are paired. The paper's regularizer weights are not in its main text: ``reg_weight`` is ours and reported.
