@@ -35,11 +35,11 @@ Protocol
   images so that training only runs the remaining blocks -- the CPU budget), ``resnet50`` / ``vit_b_16``
   (``cfg.pretrained_path``: a local torchvision state-dict file, trained end to end).
 
-Retrieval metrics (:func:`retrieval_metrics`): Recall@k and MAP@R from :func:`~contrastive_repro.metrics.evaluate_retrieval`
-(leave-one-out over the test set, cosine similarity); OPIS and epsilon-OPIS exact over all pairs
-(:func:`~contrastive_repro.metrics.epsilon_opis`, defaults: FAR calibration range 1e-2..1e-1, 101 thresholds,
-epsilon = 0.1, worst 10% of classes vs the rest; see :mod:`contrastive_repro.metrics.opis`), or the streaming
-histogram version for test sets above 12,000 samples.
+Retrieval metrics (:func:`retrieval_metrics`): Recall@k and MAP@R from
+:func:`~contrastive_repro.metrics.evaluate_retrieval` (leave-one-out over the test set, cosine similarity); OPIS
+and epsilon-OPIS exact over all pairs (:func:`~contrastive_repro.metrics.epsilon_opis`; defaults: FAR calibration
+range 1e-2..1e-1, 101 thresholds, epsilon = 0.1, worst 10% of classes vs the rest; see
+:mod:`contrastive_repro.metrics.opis`), or the streaming histogram version for test sets above 12,000 samples.
 """
 from __future__ import annotations
 
@@ -533,7 +533,8 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks=(1, 2, 
     return out
 
 
-def _carve_validation(y: torch.Tensor, cfg: DMLConfig, closed_set: bool = False) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _carve_validation(y: torch.Tensor, cfg: DMLConfig,
+                      closed_set: bool = False) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Train / validation indices into the training data. ``auto``: held-out items when the test classes are
     training classes too (``closed_set``, the item protocol) or when there are fewer than 8 training classes,
     held-out classes otherwise -- the validation split mimics the test protocol."""
