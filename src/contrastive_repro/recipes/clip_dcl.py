@@ -69,7 +69,8 @@ SOURCES = ("emoji", "paper")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 EMOJI_TEMPLATES = ("{}", "an emoji of {}", "a {} emoji")
-CIFAR_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.", "a low resolution photo of a {}.")
+CIFAR_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.",
+                   "a low resolution photo of a {}.")
 
 PAPER_LAYOUT = """\
 DATA_ROOT/
@@ -518,11 +519,13 @@ def few_shot_probe(train_x, train_y, test_x, test_y, shots: Sequence[int] = (1, 
     test items of those classes are scored), multinomial logistic regression (sklearn, L-BFGS) with fixed ``C`` on
     features standardized by the support set's mean / std -- what
     :func:`~contrastive_repro.metrics.linear_probe_accuracy` does with one ``C``, at sklearn's default tolerance
-    ``tol=1e-4`` instead of 1e-6 (several times fewer iterations on 99 classes). Returns ``{"k": mean accuracy, "k_std": std over draws,
-    "k_classes": number of classes, "k_chance": majority-class rate among the scored test items}``."""
+    ``tol=1e-4`` instead of 1e-6 (several times fewer iterations on 99 classes). Returns ``{"k": mean accuracy,
+    "k_std": std over draws, "k_classes": number of classes, "k_chance": majority-class rate among the scored test
+    items}`` (NaN where fewer than 2 classes have ``k`` training items)."""
     import warnings
 
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     from ..metrics import few_shot_splits
 
@@ -545,8 +548,9 @@ def few_shot_probe(train_x, train_y, test_x, test_y, shots: Sequence[int] = (1, 
             xs = train_x[sel]
             mu, sd = xs.mean(0), xs.std(0)
             sd[sd < 1e-12] = 1.0
-            with warnings.catch_warnings():   # 1-shot sets trip sklearn's "looks like regression" warning
-                warnings.simplefilter("ignore")
+            # one BLAS thread: these matrices are small, and multi-threaded BLAS spins on a shared CPU
+            with warnings.catch_warnings(), threadpool_limits(1):
+                warnings.simplefilter("ignore")       # 1-shot sets trip sklearn's "looks like regression" warning
                 clf = LogisticRegression(C=C, max_iter=max_iter, tol=tol).fit((xs - mu) / sd, ty[sel])
             accs.append(float((clf.predict((test_x[te_mask] - mu) / sd) == ey[te_mask]).mean()))
         out[f"{k}"] = float(np.mean(accs))
@@ -614,7 +618,8 @@ def run_clip_dcl(data: CLIPData, cfg: CLIPDCLConfig, ckpt_dir: str | Path | None
            "params": int(sum(p.numel() for p in model.parameters())), "n_train": n,
            "train_seconds": round(t_train, 2), "seconds": round(time.perf_counter() - t0, 2),
            "config": cfg.to_dict()}
-    return _finite_or_none(json.loads(json.dumps(out, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))))
+    text = json.dumps(out, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    return _finite_or_none(json.loads(text))
 
 
 def _finite_or_none(obj):
