@@ -50,6 +50,7 @@ $(STAMP): pyproject.toml
 reproduce: setup
 	$(PY) -m reproduce.run --profile $(PROFILE) $(if $(NOTEBOOKS),--only $(NOTEBOOKS)) $(if $(filter 1,$(FORCE)),--force)
 	$(PY) -m reproduce.table --write-readme
+	$(PY) -m reproduce.claims --write-readme
 
 test: setup unit nbval
 
@@ -61,6 +62,7 @@ nbval: setup
 
 table: setup
 	$(PY) -m reproduce.table --write-readme
+	$(PY) -m reproduce.claims --write-readme
 
 bench: setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

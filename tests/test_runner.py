@@ -130,3 +130,35 @@ def test_markdown_table_and_readme_markers(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         write_readme(readme, "t")
+
+
+# ------------------------------------------------------------------------------------------- the claims ledger
+def test_claim_rows_ledger_and_gates(tmp_path, monkeypatch):
+    import json
+
+    from contrastive_repro.stats import gate, paired_verdict
+    from reproduce import claims as cl
+
+    v = paired_verdict([0.5, 0.52, 0.49], [0.6, 0.63, 0.58])
+    ok = gate(0.6, {"chance": 0.1}, margin=0.05)
+    bad = gate(0.12, {"chance": 0.1}, margin=0.05)
+    row = cl.claim_row("tcm.x", "tcm", "TCM helps", "emoji", "R@1", v, gates=[ok])
+    assert row["verdict"] == "reproduced" and row["gate_passed"] is True and row["paper_value"] is None
+    row2 = cl.claim_row("tcm.y", "tcm", "TCM helps", "emoji", "R@1", v, gates=[ok, bad])
+    assert row2["verdict"] == "uninformative" and row2["test_verdict"] == "reproduced"
+    with pytest.raises(ValueError, match="paper must be one of"):
+        cl.claim_row("x", "nope", "c", "t", "m", v)
+    with pytest.raises(ValueError, match="claim id"):
+        cl.claim_row("Bad Id", "tcm", "c", "t", "m", v)
+    with pytest.raises(ValueError, match="duplicate"):
+        cl.check_claims([row, row])
+    # collect + markdown from a results tree: only complete records count
+    for nb, status in (("07_a", "complete"), ("08_b", "failed")):
+        d = tmp_path / nb / "cpu"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"notebook": nb, "status": status, "seeds": [0, 1, 2],
+                                                    "provenance": {"commit": "abc"}, "claims": [row, row2]}))
+    rows = cl.collect(tmp_path)
+    assert [r["id"] for r in rows] == ["tcm.x", "tcm.y"] and rows[0]["notebook"] == "07_a"
+    md = cl.markdown(rows)
+    assert "1 reproduced, 1 uninformative" in md and "**uninformative**" in md

@@ -7,10 +7,11 @@ Usage inside a notebook, right after the parameters cell::
     ...
     run.savefig(fig, "loss_curve")                  # results/00_tour/<profile>/loss_curve.png
     res = run.cached("seed0", lambda: train(...))   # results/.../runs/seed0.json; reused when it exists
-    run.finish(metrics, summary=[...])              # results/.../metrics.json with provenance
+    run.finish(metrics, summary=[...], claims=[...])  # results/.../metrics.json with provenance
 
 ``summary`` rows feed the README table: ``{"experiment", "metric", "value", "std", "n", "paper_key"}``; the paper's
 number is looked up from ``configs/paper_numbers.yaml`` by ``paper_key``, never typed into a notebook.
+``claims`` rows feed the claims ledger (see :mod:`reproduce.claims`).
 """
 from __future__ import annotations
 
@@ -83,8 +84,12 @@ class Run:
                                  "result": result})
         return json.loads(json.dumps(_plain(result)))
 
-    def finish(self, metrics: dict, summary: list[dict] | None = None) -> Path:
-        """Write ``metrics.json``: metrics, README summary rows and provenance (profile, seeds, params, commit...)."""
+    def finish(self, metrics: dict, summary: list[dict] | None = None, claims: list[dict] | None = None) -> Path:
+        """Write ``metrics.json``: metrics, README summary rows, claims-ledger rows (built with
+        :func:`reproduce.claims.claim_row`) and provenance (profile, seeds, params, commit...)."""
+        from .claims import check_claims
+
+        claims = check_claims(claims or [])
         for row in summary or []:
             unknown = set(row) - _SUMMARY_KEYS
             if unknown or not {"experiment", "metric", "value"} <= set(row):
@@ -100,6 +105,7 @@ class Run:
             "provenance": provenance(repo_root()),
             "figures": sorted(self.figures),
             "summary": summary or [],
+            "claims": claims,
             "metrics": metrics,
         }
         return atomic_write_json(self.dir / "metrics.json", record)
