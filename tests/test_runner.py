@@ -64,6 +64,63 @@ def test_bad_parameters_are_named(repo, override, words):
         assert w in str(e.value)
 
 
+RANGED_SRC = '''
+# %%
+profile = "smoke"
+seeds = [0, 1]  # range: [0, )
+dropout = 0.1  # at least 0, < 1: range: [0, 1)
+steps = 40  # > 0, < 100001
+losses = ["a", "b"]  # one of: a, b, c
+# %%
+print(seeds)
+'''
+
+
+@pytest.fixture
+def ranged_nb(tmp_path):
+    path = tmp_path / "01_ranged.ipynb"
+    nbformat.write(convert(RANGED_SRC), path)
+    return path
+
+
+@pytest.mark.parametrize("override, words", [
+    ({"seeds": [0, "1"]}, ["'seeds'[1] must be int", "got '1'"]),
+    ({"seeds": [0, 1.5]}, ["'seeds'[1] must be int"]),
+    ({"seeds": [3, -1]}, ["'seeds'[1] = -1 is out of range: must be >= 0"]),
+    ({"dropout": 1.0}, ["'dropout' = 1.0 is out of range: must be < 1"]),
+    ({"dropout": -0.5}, ["'dropout' = -0.5 is out of range: must be >= 0"]),
+    ({"steps": 0}, ["'steps' = 0 is out of range: must be > 0"]),
+    ({"steps": 10**6}, ["must be < 100001"]),
+    ({"losses": ["a", 3]}, ["'losses'[1] must be str"]),
+    ({"losses": ["a", "z"]}, ["['z'] not allowed; one of: a, b, c"]),
+])
+def test_list_elements_and_ranges_are_checked(ranged_nb, override, words):
+    with pytest.raises(P.ParameterError) as e:
+        P.validate(ranged_nb, override)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_ranges_accept_values_inside(ranged_nb):
+    assert P.validate(ranged_nb, {"seeds": [0, 5], "dropout": 0.0, "steps": 100000, "losses": ["c"]})
+
+
+@pytest.mark.parametrize("text, words", [
+    ("steps: 3\nlr: [0.1\n", ["00_toy.yaml", "malformed YAML at line"]),
+    ("steps: 3\n  lr: 2\n", ["00_toy.yaml", "malformed YAML at line 2"]),
+    ("steps: 3\nsteps: 4\n", ["00_toy.yaml", "duplicate key 'steps'", "line 2"]),
+    ("- steps\n- 3\n", ["00_toy.yaml", "expected a mapping", "list"]),
+    ("3: 4\n", ["keys must be parameter names", "[3]"]),
+])
+def test_malformed_profile_yaml_names_file_and_line(repo, text, words):
+    (repo / "configs" / "cpu").mkdir()
+    (repo / "configs" / "cpu" / "00_toy.yaml").write_text(text)
+    with pytest.raises(P.ParameterError) as e:
+        P.load_profile("cpu", repo / "configs")
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
 def test_good_parameters_pass(repo):
     assert P.validate(repo / "notebooks" / "00_toy.ipynb", {"steps": 5, "lr": 1, "loss": "decomposable"})
 
