@@ -292,6 +292,65 @@ def test_table_reads_only_complete_records(repo):
     assert "| 00_toy | toy | steps | 8 |" in readme and "| 3.6 |" in readme and readme.endswith("tail\n")
 
 
+def test_subrun_cache_and_checkpoints_are_keyed_on_params_and_code(repo, monkeypatch):
+    from reproduce import notebook as N
+
+    calls = []
+
+    def compute(value):
+        calls.append(value)
+        return {"value": value}
+
+    run = N.start_run("00_toy", profile="smoke", seeds=[0], params={"steps": 3})
+    assert json.loads((run.dir / "metrics.json").read_text())["status"] == "running"
+    assert set(run.fingerprint) == {"library", "notebook", "data"}
+    assert run.cached("a", lambda: compute(1)) == {"value": 1}
+    assert run.cached("a", lambda: compute(2)) == {"value": 1} and calls == [1]  # same params and code: reused
+    key, ckpt = run.key, run.checkpoint_dir
+
+    again = N.start_run("00_toy", profile="smoke", seeds=[0], params={"steps": 4})  # other parameters
+    assert again.cached("a", lambda: compute(3)) == {"value": 3} and again.checkpoint_dir != ckpt
+
+    # the same parameters with another version of the library: recomputed, and a checkpoint folder of its own
+    monkeypatch.setattr(N, "code_fingerprint", lambda: "edited")
+    edited = N.start_run("00_toy", profile="smoke", seeds=[0], params={"steps": 3})
+    assert edited.key != key and edited.checkpoint_dir != ckpt
+    assert edited.cached("a", lambda: compute(4)) == {"value": 4} and calls == [1, 3, 4]
+    rec = json.loads((edited.runs_dir / "a.json").read_text())
+    assert rec["fingerprint"]["library"] == "edited" and rec["params"]["steps"] == 3
+
+
+def test_data_and_notebook_fingerprints(tmp_path, monkeypatch):
+    from contrastive_repro.provenance import code_fingerprint, data_fingerprint, notebook_fingerprint
+
+    lib = tmp_path / "lib"
+    (lib / "sub").mkdir(parents=True)
+    (lib / "a.py").write_text("x = 1\n")
+    (lib / "sub" / "b.py").write_text("y = 2\n")
+    fp = code_fingerprint(lib)
+    assert code_fingerprint(lib) == fp
+    (lib / "sub" / "b.py").write_text("y = 3\n")
+    assert code_fingerprint(lib) != fp
+
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path / "data"))
+    assert data_fingerprint() == "none"
+    (tmp_path / "data" / "CUB_200_2011").mkdir(parents=True)
+    first = data_fingerprint()
+    (tmp_path / "data" / "cars196").mkdir()
+    assert first != "none" and data_fingerprint() != first
+
+    nb = tmp_path / "n.ipynb"
+    nbformat.write(convert(NB_SRC), nb)
+    before = notebook_fingerprint(nb)
+    book = nbformat.read(nb, as_version=4)
+    book.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="out")]
+    nbformat.write(book, nb)
+    assert notebook_fingerprint(nb) == before  # outputs are not code
+    book.cells[1].source += "\nz = 1"
+    nbformat.write(book, nb)
+    assert notebook_fingerprint(nb) != before and notebook_fingerprint(tmp_path / "none.ipynb") == "missing"
+
+
 def test_cap_outputs_truncates_streams():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x")])
     nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="y" * 100_000)]
