@@ -1,6 +1,8 @@
 # contrastive-repro: two commands on a fresh machine.
-#   make reproduce   # set up if needed, run every notebook on PROFILE (default cpu), rebuild the README table
+#   make reproduce   # set up if needed, recompute every notebook on PROFILE (default cpu) into build/reproduce/,
+#                    # then compare with the committed results/ and print the wall times
 #   make test        # set up if needed, unit tests + nbval on the notebooks (smoke profile)
+#   make record      # maintainers: recompute and record into results/ (clean tree only), rebuild the README table
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -8,6 +10,11 @@ PY := $(VENV)/bin/python
 PROFILE ?= cpu
 NOTEBOOKS ?=
 FORCE ?= 0
+ALLOW_DIRTY ?= 0
+RTOL ?= 0.05
+ATOL ?= 0.001
+RUN_ARGS = --profile $(PROFILE) $(if $(NOTEBOOKS),--only $(NOTEBOOKS)) $(if $(filter 1,$(FORCE)),--force) \
+	--rtol $(RTOL) --atol $(ATOL)
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := dataset-fashion-mnist unicode-data fonts-noto-color-emoji
 DEB_FILES := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/unicode/emoji/emoji-test.txt /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
@@ -16,10 +23,13 @@ export TRANSFORMERS_OFFLINE := 1
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup system-data reproduce test unit nbval table bench clean-results help
+.PHONY: setup system-data reproduce record test unit nbval table bench clean-results help
 
 help:
-	@echo "make reproduce [PROFILE=smoke|cpu|paper] [NOTEBOOKS='00_tour 01_...'] [FORCE=1]"
+	@echo "make reproduce [PROFILE=smoke|cpu|paper] [NOTEBOOKS='00_tour 01_...'] [FORCE=1] [RTOL=0.05 ATOL=0.001]"
+	@echo "               recompute into build/reproduce/PROFILE (resumes there; FORCE=1 starts over), compare with"
+	@echo "               results/, write build/reproduce/PROFILE/comparison.json"
+	@echo "make record    [PROFILE=...] [NOTEBOOKS=...] [ALLOW_DIRTY=1]  recompute and record into results/"
 	@echo "make test      unit tests + nbval (smoke profile)"
 	@echo "make table     rebuild the README results table from results/*/*/metrics.json"
 	@echo "make bench     run the benchmarks in benchmarks/ (writes results/benchmarks/)"
@@ -48,7 +58,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 reproduce: setup
-	$(PY) -m reproduce.run --profile $(PROFILE) $(if $(NOTEBOOKS),--only $(NOTEBOOKS)) $(if $(filter 1,$(FORCE)),--force)
+	$(PY) -m reproduce.run $(RUN_ARGS)
+
+record: setup
+	$(PY) -m reproduce.run --record $(RUN_ARGS) $(if $(filter 1,$(ALLOW_DIRTY)),--allow-dirty)
 	$(PY) -m reproduce.table --write-readme
 	$(PY) -m reproduce.claims --write-readme
 
@@ -68,4 +81,4 @@ bench: setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean-results:
-	rm -rf results/*/smoke
+	rm -rf results/*/smoke build/reproduce build/record

@@ -219,3 +219,52 @@ def test_cifar100_and_missing(tmp_path):
     (tmp_path / "cifar-100-python" / "meta").unlink()
     with pytest.raises(DatasetNotFoundError, match="meta"):
         CIFAR100(root=tmp_path)
+
+
+# ---- bad input: the error names the file and the line ---------------------------------------------------------
+def test_tsv_row_without_caption_names_the_line(tmp_path):
+    path, _ = ft.make_image_text(tmp_path)
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].split("\t")[0]          # second data row: image path only, no caption field
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorruptDatasetError, match=r"pairs.tsv.*line 3: the row for image 'images/000001.jpg' has "
+                                                  r"no caption in column 'title'"):
+        ImageTextDataset(path)
+    lines[2] += "\t   "                          # an empty caption is no caption either
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorruptDatasetError, match="line 3"):
+        ImageTextDataset(path)
+
+
+def test_class_id_that_is_not_an_integer_names_file_and_line(tmp_path):
+    d = ft.make_cub(tmp_path)
+    lines = (d / "image_class_labels.txt").read_text().splitlines()
+    lines[3] = lines[3].split()[0] + " two"
+    (d / "image_class_labels.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorruptDatasetError, match=r"image_class_labels.txt.*line 4, field 2: 'two' is not an integer"):
+        CUB200("train", root=tmp_path)
+
+    d = ft.make_sop(tmp_path / "sop")
+    lines = (d / "Ebay_train.txt").read_text().splitlines()
+    parts = lines[2].split()
+    lines[2] = " ".join([parts[0], "1.5", *parts[2:]])
+    (d / "Ebay_train.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CorruptDatasetError, match=r"Ebay_train.txt.*line 3, field 2: '1.5' is not an integer"):
+        StanfordOnlineProducts("train", root=tmp_path / "sop")
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_truncated_image_file_is_named(tmp_path, suffix):
+    from contrastive_repro.data._common import pil_loader
+
+    path = ft.write_image(tmp_path / f"img{suffix}", 7, size=64)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptDatasetError, match=rf"img{suffix} is corrupt or truncated"):
+        pil_loader(path)
+    folder = ft.make_image_folder(tmp_path / "folder")
+    victim = folder / "dog" / "dog_0.png"
+    victim.write_bytes(victim.read_bytes()[:40])
+    ds = ImageFolderDataset(folder)
+    with pytest.raises(CorruptDatasetError, match="dog_0.png"):  # through a dataset's __getitem__
+        ds[[str(p) for p in ds.paths].index(str(victim))]

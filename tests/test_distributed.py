@@ -129,6 +129,56 @@ def _trainer_part(rank: int, info: D.DistInfo, out_dir: str) -> None:
                Path(out_dir) / f"train{rank}.pt")
 
 
+N_DEC = 16  # dataset size of the decomposable-loss run: 2 steps per epoch at 2 ranks x B
+
+
+class _Interrupt(Exception):
+    """Raised by a callback to end a run abruptly (as a kill would: nothing saved after the last checkpoint)."""
+
+
+def _decomposable_run(info: D.DistInfo, ckpt_dir: Path, interrupt_at: int | None = None):
+    """Train the two towers with the decomposable loss (state kept per sample, per rank) for 6 steps."""
+    from contrastive_repro.losses import DecomposableContrastiveLoss
+    from contrastive_repro.training import EpochBatches, TrainConfig, epoch_index_batches, train
+
+    g = torch.Generator().manual_seed(3)
+    xi = torch.randn(N_DEC, D_IMG, generator=g, dtype=torch.float64)
+    xt = torch.randn(N_DEC, D_TXT, generator=g, dtype=torch.float64)
+    enc = _encoders()
+    loss = DecomposableContrastiveLoss(N_DEC, tau=0.5, gather=info.is_distributed, state_dtype=torch.float64)
+
+    def make_epoch(epoch):  # reshuffled every epoch: a rank meets samples another rank updated
+        return epoch_index_batches(N_DEC, B, epoch, seed=7, rank=info.rank, world_size=info.world_size)
+
+    def step_fn(model, idx):
+        img, txt, scale = model(xi[idx], xt[idx])
+        return loss(img, txt, idx) + 0.0 * scale
+
+    def interrupt(trainer, record):
+        if record["step"] == interrupt_at:
+            raise _Interrupt
+
+    cfg = TrainConfig(max_steps=6, lr=0.5, optimizer="sgd", ckpt_dir=str(ckpt_dir), ckpt_every=2, progress=False,
+                      log_every=0, device="cpu", seed=0)
+    train(enc, step_fn, EpochBatches(make_epoch), cfg, state_objects={"loss": loss}, callbacks=[interrupt],
+          dist_info=info)
+    return enc, loss
+
+
+def _decomposable_resume_part(rank: int, info: D.DistInfo, out_dir: str) -> None:
+    out = Path(out_dir)
+    full_enc, full_loss = _decomposable_run(info, out / "dec_full")
+    try:
+        _decomposable_run(info, out / "dec_killed", interrupt_at=3)  # last checkpoint: step 2
+    except _Interrupt:
+        pass
+    D.barrier()
+    res_enc, res_loss = _decomposable_run(info, out / "dec_killed")
+    torch.save({"full": {"params": full_enc.state_dict(), "state": dict(full_loss.state_dict())},
+                "resumed": {"params": res_enc.state_dict(), "state": dict(res_loss.state_dict())}},
+               out / f"decomposable{rank}.pt")
+
+
 def _load_example():
     import importlib.util
 
@@ -147,6 +197,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     info = _setup(rank, port)
     _gather_part(rank, info, out_dir)
     _trainer_part(rank, info, out_dir)
+    _decomposable_resume_part(rank, info, out_dir)
     D.barrier()
     # the example script, on the already initialized process group (it destroys the group at the end)
     _load_example().main(EXAMPLE_ARGS + ["--ckpt-dir", str(Path(out_dir) / "example_ckpt"),
@@ -236,6 +287,27 @@ def test_trainer_ddp_matches_single_process_and_rank0_writes(spawned, tmp_path):
     assert ckpt["world_size"] == WORLD and len(ckpt["rng"]) == WORLD  # every rank's RNG stream is saved
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # seeds offset by rank
     assert "module." not in next(iter(ckpt["model"]))  # the unwrapped model is saved
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_holds_every_ranks_decomposable_state_and_resume_is_exact(spawned):
+    """A 2-rank run killed after step 3 and resumed from its step-2 checkpoint ends equal to an uninterrupted run:
+    the checkpoint (saved by rank 0) holds the per-sample state of both ranks' samples (synced before saving)."""
+    from contrastive_repro.training import load_checkpoint
+
+    res = [torch.load(spawned / f"decomposable{r}.pt") for r in range(WORLD)]
+    for r in range(WORLD):
+        full, resumed = res[r]["full"], res[r]["resumed"]
+        for k, v in full["params"].items():
+            torch.testing.assert_close(resumed["params"][k], v, rtol=0, atol=1e-12, msg=f"rank {r} {k}")
+        for k, v in full["state"].items():
+            torch.testing.assert_close(resumed["state"][k], v, rtol=0, atol=1e-12, msg=f"rank {r} state {k}")
+    ckpt = load_checkpoint(spawned / "dec_killed" / "step_00000006.pt")
+    saved = ckpt["extra"]["loss"]
+    # rank 0's file holds the rows that rank 1 updated: after 6 steps x 8 samples every sample has been seen
+    assert bool((saved["last_update"] >= 0).all())
+    for k in ("log_z", "log_u", "last_update"):
+        torch.testing.assert_close(saved[k], res[1]["full"]["state"][k], rtol=0, atol=0)
 
 
 @pytest.mark.slow

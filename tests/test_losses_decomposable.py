@@ -534,3 +534,25 @@ def test_two_rank_gloo_equals_single_process(tmp_path):
     # before each sync a rank had written only rows it saw (its own samples, now or at an earlier step)
     first = ranks[1][0]["touched"][0]
     assert first.nonzero().flatten().tolist() == SCHEDULE[0][b:]
+
+
+# ------------------------------------------------------------------------------------------ bad input is named
+def test_decomposable_rejects_empty_batch_and_bad_indices():
+    from contrastive_repro.losses import DecomposableContrastiveLoss
+
+    loss = DecomposableContrastiveLoss(num_samples=10)
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="empty batch"):
+        loss(x[:0], x[:0], torch.zeros(0, dtype=torch.long))
+    with pytest.raises(TypeError, match="indices must be integer dataset indices, got dtype torch.float32"):
+        loss(x, x + 0.1, torch.tensor([0.0, 1.5, 2.0, 3.0]))
+    with pytest.raises(TypeError, match="indices must be integer.*torch.bool"):
+        loss(x, x + 0.1, torch.tensor([True, False, True, False]))
+    with pytest.raises(ValueError, match=r"indices has duplicates in one batch: \[2\]"):
+        loss(x, x + 0.1, torch.tensor([2, 1, 2, 3]))
+    with pytest.raises(IndexError, match=r"indices must lie in \[0, 10\), got \[12\]"):
+        loss(x, x + 0.1, torch.tensor([0, 1, 12, 3]))
+    with pytest.raises(TypeError, match="anchor must be floating-point"):
+        loss(x.long(), x.long(), torch.arange(4))
+    assert not loss.seen.any()  # no failed call touched the state
+    assert torch.isfinite(loss(x, x + 0.1, [0, 1, 2, 3]))  # a plain list of ints is fine

@@ -282,3 +282,40 @@ def test_two_rank_gloo_gather_equals_single_process(tmp_path):
         assert torch.allclose(ga, ga_ref, rtol=1e-8, atol=1e-12), name
         assert torch.allclose(gp, gp_ref, rtol=1e-8, atol=1e-12), name
         assert ga.shape[0] == world * b
+
+
+# ------------------------------------------------------------------------------------------ bad input is named
+@pytest.mark.parametrize("tau", [0.0, -0.1, float("nan"), torch.tensor(-0.5), torch.tensor(0.0)])
+def test_info_nce_rejects_nonpositive_temperature(tau):
+    from contrastive_repro.losses.infonce import InfoNCELoss, info_nce
+
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        info_nce(x, x + 0.1, tau)
+    if not isinstance(tau, torch.Tensor):
+        with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+            InfoNCELoss(temperature=tau)
+
+
+@pytest.mark.parametrize("scale", [-1.0, torch.tensor(-3.0), float("inf")])
+def test_clip_loss_rejects_negative_logit_scale(scale):
+    from contrastive_repro.losses.infonce import clip_loss
+
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="logit_scale must be a finite number >= 0"):
+        clip_loss(x, x + 0.1, scale)
+
+
+def test_empty_batch_and_integer_features_are_refused():
+    from contrastive_repro.losses.infonce import clip_loss, info_nce
+
+    empty = torch.zeros(0, 3)
+    with pytest.raises(ValueError, match="empty batch: anchor and positive have 0 rows"):
+        info_nce(empty, empty, 0.1)
+    with pytest.raises(ValueError, match="empty batch: image_features and text_features have 0 rows"):
+        clip_loss(empty, empty, 10.0)
+    ints = torch.randint(0, 3, (4, 3))
+    with pytest.raises(TypeError, match="anchor must be floating-point features, got dtype torch.int64"):
+        info_nce(ints, ints, 0.1)
+    with pytest.raises(TypeError, match="image_features must be floating-point"):
+        clip_loss(ints, ints, 10.0)

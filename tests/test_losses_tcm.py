@@ -160,3 +160,19 @@ def test_with_tcm_wrapper_sums_parts_and_exposes_parameters():
 def test_rejects_bad_shapes():
     with pytest.raises(ValueError):
         TCMLoss()(torch.randn(4, 3), torch.arange(5))
+
+
+def test_nonfinite_and_integer_embeddings_are_named():
+    from contrastive_repro.losses import TCMLoss
+    from contrastive_repro.utils import NonFiniteError
+
+    emb, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    for bad in (float("nan"), float("inf")):
+        e = emb.clone()
+        e[2, 1] = bad
+        with pytest.raises(NonFiniteError, match="TCMLoss embeddings"):
+            TCMLoss()(e, labels)
+        with pytest.raises(NonFiniteError, match="TCMLoss ref_embeddings"):
+            TCMLoss()(emb, labels, e, labels)
+    with pytest.raises(TypeError, match="TCMLoss embeddings must be floating-point, got dtype torch.int64"):
+        TCMLoss()(emb.long(), labels)

@@ -214,3 +214,47 @@ def test_cuda_matches_cpu():
     assert recall_at_k(x.cuda(), y.cuda()) == recall_at_k(x, y)
     assert map_at_r(x.cuda(), y.cuda()) == pytest.approx(map_at_r(x, y))
     assert knn_accuracy(x.cuda(), y.cuda(), x.cuda(), y.cuda(), k=5) == knn_accuracy(x, y, x, y, k=5)
+
+
+# ------------------------------------------------------------------------------------------ bad input is named
+def test_zero_shot_rejects_labels_out_of_range_and_mismatched_sizes():
+    from contrastive_repro.metrics.retrieval import zero_shot_accuracy
+
+    img, cls = torch.randn(4, 3), torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\).*\[2, 5\]"):
+        zero_shot_accuracy(img, cls, torch.tensor([0, 1, 2, 5]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\).*\[-1\]"):
+        zero_shot_accuracy(img, cls, torch.tensor([0, 1, -1, 0]))
+    with pytest.raises(ValueError, match="image_features has feature size 3 but class_text_features has 5"):
+        zero_shot_accuracy(img, torch.randn(2, 5), torch.tensor([0, 1, 1, 0]))
+
+
+def test_knn_rejects_mismatched_sizes_and_unknown_test_classes():
+    from contrastive_repro.metrics.retrieval import knn_accuracy
+
+    xtr, ytr = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="train_x has feature size 3 but test_x has 4"):
+        knn_accuracy(xtr, ytr, torch.randn(2, 4), torch.tensor([0, 1]), k=2)
+    with pytest.raises(ValueError, match=r"test_y has classes that never occur in train_y.*\[7\]"):
+        knn_accuracy(xtr, ytr, torch.randn(2, 3), torch.tensor([0, 7]), k=2)
+
+
+def test_integer_embeddings_are_refused():
+    from contrastive_repro.metrics import evaluate_retrieval
+    from contrastive_repro.metrics.retrieval import knn_accuracy, zero_shot_accuracy
+
+    ints = torch.randint(0, 5, (6, 3))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(TypeError, match="train_x must be floating-point embeddings, got dtype torch.int64"):
+        knn_accuracy(ints, labels, torch.randn(2, 3), torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="class_text_features must be floating-point"):
+        zero_shot_accuracy(torch.randn(6, 3), ints[:3], labels % 3)
+    with pytest.raises(ValueError, match="embeddings must be a 2-D floating tensor.*int64"):
+        evaluate_retrieval(ints, labels)
+
+
+def test_evaluate_retrieval_with_only_singleton_classes_is_an_error():
+    from contrastive_repro.metrics import evaluate_retrieval
+
+    with pytest.raises(ValueError, match="every class has one sample.*6 classes for 6 samples"):
+        evaluate_retrieval(torch.randn(6, 3), torch.arange(6))

@@ -1,6 +1,7 @@
 """The training loop: NaN guard, checkpoint contents, exact resume after SIGKILL, gradient accumulation, atomicity."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -146,6 +147,51 @@ def test_checkpoint_contents(tmp_path):
     again = train(model, step_fn, _epoch_source(len(x), 6), cfg, state_objects={"memory": PerSampleMemory(len(x))})
     assert again == history
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_finished_run_with_other_config_is_refused_not_returned(tmp_path):
+    """A checkpoint folder holding a (finished) run made with other settings must not be returned or resumed."""
+    from contrastive_repro.training import CheckpointMismatchError
+
+    x, y, model = _tiny_problem()
+
+    def step_fn(m, i):
+        return ((m(x[i]) - y[i]) ** 2).mean()
+
+    def data():
+        return IndexedBatches(lambda j: torch.arange(4) + 4 * (j % 10))
+
+    cfg = _cfg(max_steps=4, ckpt_dir=str(tmp_path), run_key="model=a")
+    history = train(model, step_fn, data(), cfg)
+    for change, words in ((dict(lr=5e-2), ["lr: checkpoint 0.01, now 0.05"]),
+                          (dict(max_steps=2), ["max_steps: checkpoint 4, now 2"]),
+                          (dict(run_key="model=b"), ["run_key: checkpoint 'model=a', now 'model=b'"])):
+        with pytest.raises(CheckpointMismatchError) as e:
+            train(_tiny_problem()[2], step_fn, data(), dataclasses.replace(cfg, **change))
+        for w in words + [str(tmp_path), "step 4", "another ckpt_dir"]:
+            assert w in str(e.value)
+    # settings that cannot change the result may differ: the finished run is returned as before
+    again = train(_tiny_problem()[2], step_fn, data(), dataclasses.replace(cfg, log_every=1, ckpt_every=3))
+    assert again == history
+    # resume=False starts over in the same folder
+    fresh = train(_tiny_problem()[2], step_fn, data(), dataclasses.replace(cfg, lr=5e-2, resume=False))
+    assert len(fresh) == 4 and fresh[0]["loss"] == history[0]["loss"] and fresh[-1]["loss"] != history[-1]["loss"]
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("grad_clip", -1.0, "grad_clip must be > 0"),
+    ("grad_clip", 0.0, "grad_clip must be > 0"),
+    ("grad_clip", float("nan"), "grad_clip must be > 0"),
+    ("min_lr_ratio", -0.1, "min_lr_ratio must be in [0, 1]"),
+    ("min_lr_ratio", 1.5, "min_lr_ratio must be in [0, 1]"),
+    ("lr", -1e-3, "lr must be a finite number >= 0"),
+    ("warmup_steps", -1, "warmup_steps must be >= 0"),
+])
+def test_config_values_that_train_the_wrong_way_are_refused(field, value, words):
+    with pytest.raises(ValueError) as e:
+        TrainConfig(**{field: value})
+    msg = str(e.value)
+    assert words in msg and (repr(value) in msg or str(value) in msg)
 
 
 def test_no_checkpoints_without_dir_and_config_validation(tmp_path):

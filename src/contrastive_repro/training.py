@@ -61,7 +61,7 @@ from . import distributed as cr_dist
 from .io import atomic_torch_save
 from .utils import check_finite, get_device, seed_everything
 
-__all__ = ["TrainConfig", "StepContext", "BatchSource", "IndexedBatches", "EpochBatches", "epoch_index_batches",
+__all__ = ["CheckpointMismatchError", "TrainConfig", "StepContext", "BatchSource", "IndexedBatches", "EpochBatches", "epoch_index_batches",
            "Trainer", "train", "find_checkpoints", "latest_checkpoint", "load_checkpoint", "unwrap_model",
            "CHECKPOINT_FORMAT"]
 
@@ -69,9 +69,15 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "contrastive_repro.training/v1"
 _CKPT_RE = re.compile(r"^step_(\d{8,})\.pt$")
-# config fields that may change between a run and its resumption without a warning
-_RESUMABLE_CHANGES = {"max_steps", "log_every", "ckpt_every", "keep_last", "progress", "device", "eval_every",
-                      "ckpt_dir", "resume"}
+# config fields that may change between a run and its resumption: they do not change the result. Any other
+# difference (max_steps included: it shapes the LR schedule) makes resuming refuse the checkpoint.
+_RESUMABLE_CHANGES = {"log_every", "ckpt_every", "keep_last", "progress", "device", "eval_every", "ckpt_dir",
+                      "resume"}
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint folder holds a run made with another configuration (or ``run_key``): resuming it would
+    return or continue a different experiment."""
 
 
 @dataclass
@@ -108,6 +114,7 @@ class TrainConfig:
     progress: bool = True
     ddp: bool = True
     find_unused_parameters: bool = False
+    run_key: str = ""
 
     def __post_init__(self):
         if self.max_steps < 0:
@@ -122,6 +129,14 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be > 0 (a maximum gradient norm) or None, got {self.grad_clip!r}")
+        if not (isinstance(self.min_lr_ratio, (int, float)) and 0.0 <= self.min_lr_ratio <= 1.0):
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (final LR / peak LR), got {self.min_lr_ratio!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         self.betas = tuple(self.betas)
         if self.ckpt_dir is not None:
             self.ckpt_dir = str(self.ckpt_dir)
@@ -479,6 +494,23 @@ class Trainer:
             "time": time.time(),
         }
 
+    def sync_state_objects(self) -> int:
+        """Call ``sync_state()`` (collective) on every state object, model or sub-module that has one, e.g. the
+        per-rank replicas of :class:`~contrastive_repro.losses.DecomposableContrastiveLoss`'s per-sample state,
+        so that the state saved by rank 0 is the merged state of all ranks. A no-op without a process group.
+        Returns how many objects were synced."""
+        if not self.dist.is_distributed:
+            return 0
+        seen, synced = set(), 0
+        for obj in [self.module, *self.state_objects.values()]:
+            for sub in (obj.modules() if isinstance(obj, nn.Module) else [obj]):
+                if id(sub) in seen or not callable(getattr(sub, "sync_state", None)):
+                    continue
+                seen.add(id(sub))
+                sub.sync_state()
+                synced += 1
+        return synced
+
     def _gather_rng(self) -> list:
         if not self.dist.is_distributed:
             return [_rng_state()]
@@ -495,6 +527,7 @@ class Trainer:
         the newest ``keep_last``. Returns the path on rank 0, None elsewhere."""
         if self.cfg.ckpt_dir is None:
             return None
+        self.sync_state_objects()  # rank 0 saves: it must hold every rank's per-sample state first
         rng = self._gather_rng()  # every rank's RNG, so that each can resume its own stream
         path = None
         if self.is_main:
@@ -507,7 +540,32 @@ class Trainer:
         cr_dist.barrier()
         return path
 
+    def config_differences(self, saved: Mapping) -> dict:
+        """``{field: (checkpoint value, current value)}`` for the config fields that differ and can change the
+        result (all but logging, checkpoint cadence and device)."""
+        current = self.cfg.to_dict()
+        diff = {}
+        for k in sorted(set(saved) | set(current)):
+            if k in _RESUMABLE_CHANGES:
+                continue
+            a, b = saved.get(k, dataclasses.MISSING), current.get(k, dataclasses.MISSING)
+            if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+                a, b = tuple(a), tuple(b)
+            if k == "run_key" and a is dataclasses.MISSING:
+                a = ""  # checkpoints written before run_key existed
+            if a != b:
+                diff[k] = ("<absent>" if a is dataclasses.MISSING else a, "<absent>" if b is dataclasses.MISSING else b)
+        return diff
+
     def load_state_dict(self, ckpt: Mapping) -> None:
+        """Restore a checkpoint; :class:`CheckpointMismatchError` if it was made with a different config."""
+        changed = self.config_differences(ckpt.get("config", {}))
+        if changed:
+            where = f" in {self.cfg.ckpt_dir}" if self.cfg.ckpt_dir else ""
+            raise CheckpointMismatchError(
+                f"the checkpoint{where} (step {ckpt.get('step')}) was made with a different configuration: "
+                + ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
+                + ". Use another ckpt_dir for the new configuration (or resume=False to overwrite it)")
         self.module.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler") is not None and hasattr(self.scheduler, "load_state_dict"):
@@ -528,13 +586,6 @@ class Trainer:
                           "RNG states not restored (data order is)", RuntimeWarning, stacklevel=2)
         self.step = int(ckpt["step"])
         self.history = list(ckpt.get("history", []))
-        changed = {k: (v, getattr(self.cfg, k, None)) for k, v in ckpt.get("config", {}).items()
-                   if k not in _RESUMABLE_CHANGES and getattr(self.cfg, k, None) != v
-                   and not (isinstance(v, list) and tuple(v) == getattr(self.cfg, k, None))}
-        if changed:
-            warnings.warn(f"resuming with a different config: {changed} (checkpoint value, current value)",
-                          RuntimeWarning, stacklevel=2)
-
     def _find_resume_checkpoint(self) -> tuple[Path | None, dict | None]:
         """Rank 0 picks the newest checkpoint that loads (damaged files are skipped with a warning) and broadcasts
         its path; returns ``(path, checkpoint)`` (the checkpoint is loaded on every rank)."""

@@ -20,7 +20,9 @@ def repo_root(start: str | os.PathLike | None = None) -> Path:
                             "notebooks/); set CONTRASTIVE_REPRO_ROOT")
 
 
-def results_dir(notebook: str, profile: str, root: Path | None = None) -> Path:
-    base = os.environ.get("CONTRASTIVE_REPRO_RESULTS")
-    base_path = Path(base) if base else (root or repo_root()) / "results"
+def results_dir(notebook: str, profile: str, root: Path | None = None, base: Path | None = None) -> Path:
+    """``<base>/<notebook>/<profile>``: ``base`` if given, else ``$CONTRASTIVE_REPRO_RESULTS`` (where the runner
+    puts a reproduction run), else the committed ``<root>/results``."""
+    env = os.environ.get("CONTRASTIVE_REPRO_RESULTS")
+    base_path = Path(base) if base else Path(env) if env else (root or repo_root()) / "results"
     return base_path / notebook / profile

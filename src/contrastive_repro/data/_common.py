@@ -18,16 +18,22 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .errors import DatasetNotFoundError, EmptyDatasetError
+from .errors import CorruptDatasetError, DatasetNotFoundError, EmptyDatasetError
 
 __all__ = ["LabeledImageDataset", "TensorImageDataset", "pil_loader", "as_label_tensor", "relabel_contiguous"]
 
 
 def pil_loader(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as an RGB PIL image (the file is closed before returning)."""
+    """Open an image file as an RGB PIL image (the file is closed before returning).
+
+    A truncated or unreadable image raises :class:`~contrastive_repro.data.errors.CorruptDatasetError` naming the
+    file (PIL's own message does not)."""
     with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")
+        try:
+            img = Image.open(f)
+            return img.convert("RGB")  # decodes the whole image: a truncated file fails here
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise CorruptDatasetError("image", path, f"{type(e).__name__}: {e}") from e
 
 
 def as_label_tensor(labels: Any) -> torch.Tensor:

@@ -54,8 +54,13 @@ def _require(name: str, path: Path, layout: str) -> Path:
     return path
 
 
-def _read_rows(name: str, path: Path, layout: str, ncols: int) -> list[list[str]]:
-    """Whitespace-separated rows with at least ``ncols`` fields (the last field keeps any inner spaces)."""
+def _read_rows(name: str, path: Path, layout: str, ncols: int, int_cols: Sequence[int] = (),
+               header: bool = False) -> list[list[str]]:
+    """Whitespace-separated rows with at least ``ncols`` fields (the last field keeps any inner spaces).
+
+    Fields ``int_cols`` must be integers (class and image ids): a row where one is not raises
+    :class:`CorruptDatasetError` naming the file, the line and the value. With ``header`` the first row is
+    returned unchecked."""
     _require(name, path, layout)
     rows = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -64,6 +69,13 @@ def _read_rows(name: str, path: Path, layout: str, ncols: int) -> list[list[str]
         parts = line.split(maxsplit=ncols - 1)
         if len(parts) < ncols:
             raise CorruptDatasetError(name, path, f"line {lineno} has {len(parts)} fields, expected {ncols}: {line!r}")
+        if not (header and not rows):
+            for c in int_cols:
+                try:
+                    int(parts[c])
+                except ValueError:
+                    raise CorruptDatasetError(name, path, f"line {lineno}, field {c + 1}: {parts[c]!r} is not an "
+                                                          f"integer id: {line!r}") from None
         rows.append(parts)
     return rows
 
@@ -103,8 +115,10 @@ DATA_ROOT/CUB_200_2011/
         _check_split(split)
         d = _locate(self.name, root, ["CUB_200_2011"], ["images.txt"], self.LAYOUT)
         images = {r[0]: r[1].strip() for r in _read_rows(self.name, d / "images.txt", self.LAYOUT, 2)}
-        labels = {r[0]: int(r[1]) for r in _read_rows(self.name, d / "image_class_labels.txt", self.LAYOUT, 2)}
-        names = {int(r[0]): r[1].strip() for r in _read_rows(self.name, d / "classes.txt", self.LAYOUT, 2)}
+        labels = {r[0]: int(r[1]) for r in _read_rows(self.name, d / "image_class_labels.txt", self.LAYOUT, 2,
+                                                             int_cols=(1,))}
+        names = {int(r[0]): r[1].strip() for r in _read_rows(self.name, d / "classes.txt", self.LAYOUT, 2,
+                                                                         int_cols=(0,))}
         _require(self.name, d / "images", self.LAYOUT)
         paths, raw = [], []
         for image_id, rel in images.items():
@@ -203,7 +217,7 @@ DATA_ROOT/Stanford_Online_Products/
         paths, raw, supers = [], [], []
         super_names: dict[int, str] = {}
         for fname in files[split]:
-            rows = _read_rows(self.name, d / fname, self.LAYOUT, 4)
+            rows = _read_rows(self.name, d / fname, self.LAYOUT, 4, int_cols=(1, 2), header=True)
             header = [h.lower() for h in rows[0][:3] + rows[0][3].split()] if rows else []
             if header[:4] != ["image_id", "class_id", "super_class_id", "path"]:
                 raise CorruptDatasetError(self.name, d / fname, f"header {rows[0] if rows else '(empty)'} is not "
@@ -346,12 +360,21 @@ class ImageTextDataset(LabeledImageDataset):
             if missing:
                 raise CorruptDatasetError(self.name, p, f"columns {fields} lack {image_col!r} and/or a caption column "
                                                         f"({caption_col or 'title/caption/text'}); set image_col= / caption_col=")
-            rows = [(r[image_col], r[caption_col]) for r in reader if r.get(image_col)]
+            rows = []
+            for r in reader:
+                if not r.get(image_col):
+                    continue
+                caption = r.get(caption_col)
+                if caption is None or not caption.strip():
+                    raise CorruptDatasetError(self.name, p, f"line {reader.line_num}: the row for image "
+                                                            f"{r[image_col]!r} has no caption in column "
+                                                            f"{caption_col!r}")
+                rows.append((r[image_col], caption))
         base = p.parent if image_root is None else Path(image_root)
         if not rows:
             raise EmptyDatasetError(f"{self.name}: {p} has no rows")
         paths = [Path(fp) if Path(fp).is_absolute() else base / fp for fp, _ in rows]
-        self.captions = [c if c is not None else "" for _, c in rows]
+        self.captions = [c for _, c in rows]
         labels, keys = relabel_contiguous(self.captions)
         super().__init__(paths, labels, keys, transform, None, pil_loader, p)
         self.tokenizer, self.table, self.image_col, self.caption_col = tokenizer, p, image_col, caption_col

@@ -405,6 +405,25 @@ class DecomposableContrastiveLoss(nn.Module):
                 f"e_step={self.e_step!r}, momentum={self.momentum}, symmetric={self.symmetric}")
 
     # -- forward ----------------------------------------------------------------------------------------------
+    def _check_indices(self, indices, b: int) -> torch.Tensor:
+        """``indices`` as a 1-D int64 tensor on the state's device: integers (not floats or booleans), one per
+        sample of the batch, in ``[0, num_samples)``, without duplicates (a sample twice in one batch would make
+        its state update depend on write order). Errors name the offending values."""
+        t = torch.as_tensor(indices, device=self.log_z.device)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"indices must be integer dataset indices, got dtype {t.dtype}")
+        t = t.long().reshape(-1)
+        if t.numel() != b:
+            raise ValueError(f"indices has {t.numel()} entries for a batch of {b}")
+        lo, hi = torch.aminmax(t)
+        if lo.item() < 0 or hi.item() >= self.num_samples:
+            bad = t[(t < 0) | (t >= self.num_samples)]
+            raise IndexError(f"indices must lie in [0, {self.num_samples}), got {sorted(set(bad.tolist()))[:10]}")
+        uniq, counts = torch.unique(t, return_counts=True)
+        if uniq.numel() != b:
+            raise ValueError(f"indices has duplicates in one batch: {uniq[counts > 1].tolist()[:10]}")
+        return t
+
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, indices: torch.Tensor | None = None, *,
                 negatives_anchor: torch.Tensor | None = None, negatives_positive: torch.Tensor | None = None,
                 estimate_negatives_anchor: torch.Tensor | None = None,
@@ -433,14 +452,14 @@ class DecomposableContrastiveLoss(nn.Module):
             raise ValueError(f"anchor and positive must both be [B, d] with the same shape, got "
                              f"{tuple(anchor.shape)} and {tuple(positive.shape)}")
         b, nd = anchor.shape[0], self.num_directions
+        if b == 0:
+            raise ValueError("empty batch: anchor and positive have 0 rows")
+        for name, x in (("anchor", anchor), ("positive", positive)):
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be floating-point features, got dtype {x.dtype}")
         update_state = self.training if update_state is None else update_state
         if indices is not None:
-            indices = torch.as_tensor(indices, device=self.log_z.device).long().reshape(-1)
-            if indices.numel() != b:
-                raise ValueError(f"indices has {indices.numel()} entries for a batch of {b}")
-            lo, hi = torch.aminmax(indices)
-            if lo.item() < 0 or hi.item() >= self.num_samples:
-                raise IndexError(f"indices must lie in [0, {self.num_samples})")
+            indices = self._check_indices(indices, b)
         est_negs = [estimate_negatives_anchor, estimate_negatives_positive][:nd]
         if u is None:
             if z_estimate == "running" and indices is None:

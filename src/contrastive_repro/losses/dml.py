@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ..utils import check_finite
+from ..utils import NonFiniteError, check_finite
 from .recall_surrogate import RecallAtKSurrogateLoss
 from .smooth_ap import SmoothAPLoss
 from .tcm import TCMLoss, WithTCM
@@ -140,7 +140,10 @@ class DMLLoss(nn.Module):
         return self.loss.tcm if isinstance(self.loss, WithTCM) else None
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        value = self.loss(embeddings, labels)
+        try:
+            value = self.loss(embeddings, labels)
+        except NonFiniteError as e:  # e.g. TCM's check of its input: say which loss it was
+            raise NonFiniteError(f"{self.name} loss: {e}") from e
         if self.check_finite:
             check_finite(value, f"{self.name} loss")
         self.last_parts = dict(self.loss.last_parts) if isinstance(self.loss, WithTCM) else {"total": value.detach()}

@@ -31,6 +31,7 @@ the concatenated global batch, and with DDP's gradient averaging the parameter g
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Union
 
 import torch
@@ -71,10 +72,41 @@ def _prep(x: torch.Tensor, normalize: bool) -> torch.Tensor:
     return F.normalize(x, dim=-1) if normalize else x
 
 
-def _check_pair(anchor: torch.Tensor, positive: torch.Tensor) -> None:
+def _check_pair(anchor: torch.Tensor, positive: torch.Tensor, names: tuple[str, str] = ("anchor", "positive")
+                ) -> None:
+    """Both ``[B, d]`` floating-point with the same shape and ``B >= 1``; errors name the arguments."""
     if anchor.dim() != 2 or anchor.shape != positive.shape:
-        raise ValueError(f"anchor and positive must both be [B, d] with the same shape, got "
+        raise ValueError(f"{names[0]} and {names[1]} must both be [B, d] with the same shape, got "
                          f"{tuple(anchor.shape)} and {tuple(positive.shape)}")
+    for name, x in zip(names, (anchor, positive)):
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating-point features, got dtype {x.dtype}")
+    if anchor.shape[0] == 0:
+        raise ValueError(f"empty batch: {names[0]} and {names[1]} have 0 rows")
+
+
+def _scalar_value(x) -> float:
+    return float(x.detach().reshape(-1)[0]) if isinstance(x, torch.Tensor) else float(x)
+
+
+def check_temperature(temperature, name: str = "temperature") -> None:
+    """Raise ValueError naming ``name`` unless the temperature is a finite number > 0 (a 0-d or 1-element
+    tensor is read once: one host sync)."""
+    if isinstance(temperature, torch.Tensor) and temperature.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(temperature.shape)}")
+    t = _scalar_value(temperature)
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {t}")
+
+
+def check_logit_scale(logit_scale, name: str = "logit_scale") -> None:
+    """Raise ValueError unless the (exponentiated) logit scale is a finite number >= 0: a negative scale rewards
+    dissimilar pairs, i.e. trains the wrong way."""
+    if isinstance(logit_scale, torch.Tensor) and logit_scale.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(logit_scale.shape)}")
+    t = _scalar_value(logit_scale)
+    if not (math.isfinite(t) and t >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0 (the exponentiated scale 1/temperature), got {t}")
 
 
 def info_nce(anchor: torch.Tensor, positive: torch.Tensor, temperature: float | torch.Tensor = 0.1,
@@ -93,8 +125,11 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, temperature: float | 
             is this rank's local loss (see module docstring).
         rank: this rank's position in the gathered tensor (default: the process-group rank).
         reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (per view: ``[2B]``, or ``[B]`` with ``negatives``).
+
+    Raises ValueError for a temperature <= 0 or an empty batch, TypeError for non-floating features.
     """
     _check_pair(anchor, positive)
+    check_temperature(temperature)
     a, p = _prep(anchor, normalize), _prep(positive, normalize)
     if negatives is not None:
         n = _prep(negatives, normalize)
@@ -141,8 +176,7 @@ class InfoNCELoss(nn.Module):
     def __init__(self, temperature: float = 0.1, normalize: bool = True, gather: GatherArg = None,
                  rank: int | None = None, reduction: str = "mean"):
         super().__init__()
-        if isinstance(temperature, (int, float)) and temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         self.temperature = temperature
         self.normalize = normalize
         self.gather = gather
@@ -195,8 +229,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     ``logit_scale`` is the *exponentiated* scale ``t = 1/tau`` (open_clip convention). Without ``gather`` and with
     ``use_open_clip`` this calls ``open_clip.loss.ClipLoss`` on the (normalized) features; with ``gather`` it
     computes the local loss against the gathered features with labels ``arange(B) + B*rank``.
+    Raises ValueError for a negative or non-finite ``logit_scale`` or an empty batch.
     """
-    _check_pair(image_features, text_features)
+    _check_pair(image_features, text_features, ("image_features", "text_features"))
+    check_logit_scale(logit_scale)
     img, txt = _prep(image_features, normalize), _prep(text_features, normalize)
     gather, rank = resolve_gather(gather, rank)
     if gather is None and use_open_clip:
@@ -226,6 +262,7 @@ class SymmetricContrastiveLoss(nn.Module):
         if logit_scale is None:
             if self.temperature is None:
                 raise ValueError("pass logit_scale (exponentiated) or construct with a temperature")
+            check_temperature(self.temperature)
             logit_scale = 1.0 / self.temperature
         return clip_loss(image_features, text_features, logit_scale, normalize=self.normalize, gather=self.gather,
                          rank=self.rank, use_open_clip=self.use_open_clip)

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..utils import check_finite
+
 __all__ = ["TCMLoss", "WithTCM", "add_tcm", "cosine_similarity_matrix", "pair_masks"]
 
 
@@ -92,6 +94,12 @@ class TCMLoss(nn.Module):
         if embeddings.ndim != 2 or labels.reshape(-1).numel() != embeddings.shape[0]:
             raise ValueError(f"expected embeddings (B, D) and labels (B,), got {tuple(embeddings.shape)} "
                              f"and {tuple(labels.shape)}")
+        for name, x in (("embeddings", embeddings), ("ref_embeddings", ref_embeddings)):
+            if x is None:
+                continue
+            if not x.is_floating_point():
+                raise TypeError(f"TCMLoss {name} must be floating-point, got dtype {x.dtype}")
+            check_finite(x, f"TCMLoss {name}")  # NaN would drop out of both masks and give a silent number
         sims = cosine_similarity_matrix(embeddings, ref_embeddings)
         pos, neg = pair_masks(labels.to(sims.device), None if ref_labels is None else ref_labels.to(sims.device))
         hard_pos = pos & (sims <= self.pos_margin)

@@ -24,12 +24,16 @@ def as_tensor(x, name: str, *, device: torch.device | None = None) -> torch.Tens
 
 def float_embeddings(x, name: str = "embeddings", *, dtype: torch.dtype | None = None,
                      device: torch.device | None = None) -> torch.Tensor:
-    """A 2-D floating tensor checked for NaN/inf. bf16/fp16 are upcast to float32 (float64 stays float64)."""
+    """A 2-D floating tensor checked for NaN/inf. bf16/fp16 are upcast to float32 (float64 stays float64).
+
+    Integer or boolean embeddings are refused (``TypeError``): they are almost always labels or indices passed by
+    mistake, and cosine similarities of them are meaningless."""
     t = as_tensor(x, name, device=device)
     if t.ndim != 2:
         raise ValueError(f"{name} must be 2-D [n, dim], got shape {tuple(t.shape)}")
     if not t.is_floating_point():
-        t = t.to(torch.float32)
+        raise TypeError(f"{name} must be floating-point embeddings, got dtype {t.dtype} (indices or labels passed "
+                        "as features? cast with .float() if this is intended)")
     if dtype is None:
         dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     t = t.to(dtype)
@@ -52,6 +56,21 @@ def int_labels(labels, n: int, name: str = "labels", *, device: torch.device | N
     if t.is_floating_point() and not bool(torch.all(t == torch.round(t))):
         raise ValueError(f"{name} must be integers")
     return t.to(torch.int64)
+
+
+def check_same_dim(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    """Raise ValueError naming both arguments when two ``[n, dim]`` feature tensors differ in ``dim``."""
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} has feature size {a.shape[1]} but {name_b} has {b.shape[1]}: they must match")
+
+
+def check_label_range(labels: torch.Tensor, n_classes: int, name: str = "labels") -> None:
+    """Raise ValueError naming ``name`` and the offending values when a label is outside ``[0, n_classes)``."""
+    bad = labels[(labels < 0) | (labels >= n_classes)]
+    if bad.numel():
+        shown = sorted(set(bad.tolist()))[:10]
+        raise ValueError(f"{name} must lie in [0, {n_classes}) (one per class), got {bad.numel()} out of range: "
+                         f"{shown}")
 
 
 def dense_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -258,7 +258,8 @@ class StreamingRetrievalEvaluator:
         out: dict = {}
         n_valid = int((r_all > 0).sum()) if self.exclude_lone_queries else n
         if n_valid == 0:
-            raise ValueError("no query has a same-label item (every class has one sample)")
+            raise ValueError(f"no query has a same-label item (every class has one sample): labels hold {n_cls} "
+                             f"classes for {n} samples; retrieval metrics need classes with at least 2 samples")
         for j, kk in enumerate(ks):
             out[f"R@{kk}"] = float(hits[j]) / n_valid
         if self.compute_map_at_r:

@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from ._common import as_tensor, check_ks, default_chunk, dense_labels, float_embeddings, int_labels, l2_normalize
+from ._common import (as_tensor, check_ks, check_label_range, check_same_dim, default_chunk, dense_labels,
+                      float_embeddings, int_labels, l2_normalize)
 
 __all__ = [
     "recall_at_k",
@@ -199,9 +200,11 @@ def zero_shot_accuracy(image_features, class_text_features, labels,
     img = l2_normalize(float_embeddings(image_features, "image_features"))
     cls = l2_normalize(float_embeddings(class_text_features, "class_text_features", dtype=img.dtype,
                                         device=img.device))
+    check_same_dim(img, cls, "image_features", "class_text_features")
     y = int_labels(labels, img.shape[0], "labels", device=img.device)
     if img.shape[0] == 0:
         raise ValueError("no images")
+    check_label_range(y, cls.shape[0], "labels")
     kmax = min(max(ks), cls.shape[0])
     pred = (img @ cls.T).topk(kmax, dim=1).indices
     correct = pred == y[:, None]
@@ -331,11 +334,16 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: flo
         raise ValueError("k must be >= 1")
     xtr = l2_normalize(float_embeddings(train_x, "train_x"))
     xte = l2_normalize(float_embeddings(test_x, "test_x", dtype=xtr.dtype, device=xtr.device))
+    check_same_dim(xtr, xte, "train_x", "test_x")
     ytr = int_labels(train_y, xtr.shape[0], "train_y", device=xtr.device)
     yte = int_labels(test_y, xte.shape[0], "test_y", device=xtr.device)
     if xtr.shape[0] == 0 or xte.shape[0] == 0:
         raise ValueError("empty train or test set")
     uniq, ytr_d = dense_labels(ytr)
+    unseen = yte[~torch.isin(yte, uniq)]
+    if unseen.numel():
+        raise ValueError(f"test_y has classes that never occur in train_y (a k-NN classifier cannot predict "
+                         f"them): {sorted(set(unseen.tolist()))[:10]}")
     n_cls = uniq.numel()
     k = min(k, xtr.shape[0])
     chunk = chunk_size or default_chunk(xtr.shape[0])
