@@ -7,7 +7,7 @@ import torch
 
 from contrastive_repro.data.emoji_families import (emoji_family_key, emoji_family_labels,
                                                    emoji_family_representatives)
-from contrastive_repro.recipes.frozen_dml import (HeadConfig, _Head, class_split, embed_head, evaluate_embeddings,
+from contrastive_repro.recipes.frozen_dml import (HeadConfig, class_split, embed_head, evaluate_embeddings,
                                                   frozen_gates, paired_arms, recall_at_1, retrieval_chance,
                                                   select_tcm_margins, summarize_tcm_cell, train_head)
 
@@ -79,11 +79,16 @@ def _blobs(n_cls=12, per=8, dim=16, seed=0, noise=1.0):
     return centers[y] + noise * torch.randn(len(y), dim, generator=g), y
 
 
-def test_residual_head_starts_at_standardized_features():
-    x, _ = _blobs()
-    cfg = HeadConfig(embed_dim=0, rank=4)
-    head = _Head(x.mean(0), x.std(0), x.shape[1], cfg)
-    assert torch.allclose(head(x), (x - x.mean(0)) / x.std(0), atol=1e-6)
+def test_residual_head_starts_at_the_centred_features():
+    x, y = _blobs()
+    x[:, 0] = 1.0  # a dimension constant on the training items must not blow up on new ones
+    head = train_head(x, y, HeadConfig(embed_dim=0, rank=4, steps=1, lr=1e-12))
+    xc = x - x.mean(0)
+    scale = float(xc.pow(2).mean().sqrt())
+    assert torch.allclose(head(x), xc / scale, atol=1e-5)
+    new = x.clone()
+    new[:, 0] = 2.0
+    assert torch.allclose(head(new)[:, 0], torch.full((len(x),), 1.0 / scale), atol=1e-4)
     with pytest.raises(ValueError, match="identity"):
         HeadConfig(embed_dim=32, init="identity")
     with pytest.raises(ValueError, match="loss"):
@@ -149,3 +154,11 @@ def test_tcm_active_pairs_by_hand():
     r = tcm_active_pairs(z, y, 0.9, 0.1)
     assert r["hard_pos_share"] == 0.0 and r["hard_neg_share"] == pytest.approx(1 / 4)
     assert tcm_active_pairs(z, y, 0.99, 0.5)["hard_pos_share"] == 1.0
+
+
+def test_select_lr_picks_the_best_validation_r1():
+    from contrastive_repro.recipes.frozen_dml import select_lr
+
+    x, y = _blobs(n_cls=20, per=6, noise=2.0)
+    sel = select_lr(x, y, HeadConfig(embed_dim=0, rank=4, steps=10, batch_size=24), [1e-12, 3e-3])
+    assert sel["lr"] == max(sel["table"], key=lambda t: t["val_R@1"])["lr"] and len(sel["table"]) == 2

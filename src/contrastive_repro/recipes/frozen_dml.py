@@ -13,7 +13,8 @@ frozen encoder (:func:`contrastive_repro.features.image_features`) makes one run
 Protocol
 --------
 * ``class_split``: train and test hold disjoint classes (open set); items labelled ``-1`` are left out.
-* ``train_head``: inputs standardized with the *training* mean / std; a linear (``hidden=0``) or one-hidden-layer
+* ``train_head``: inputs centred with the *training* mean and divided by one global scale (the RMS of the centred
+  training features; per-dimension scaling would blow up dimensions that are constant on the training classes); a linear (``hidden=0``) or one-hidden-layer
   MLP head to ``embed_dim``; P x m class-balanced batches (``batch_size // samples_per_class`` distinct classes,
   ``samples_per_class`` items each, with replacement inside a class smaller than m); each item's input is its clean
   feature or one of its ``views`` (augmented crops), uniformly; AdamW with a cosine schedule; base loss from
@@ -39,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["HeadConfig", "class_split", "train_head", "embed_head", "evaluate_embeddings", "retrieval_chance",
-           "recall_at_1", "select_tcm_margins", "tcm_pair_unit", "frozen_gates", "load_emoji_frozen", "EMOJI_LABEL_SETS", "TCM_DIRECTIONS",
+           "recall_at_1", "select_lr", "select_tcm_margins", "tcm_pair_unit", "frozen_gates", "load_emoji_frozen", "EMOJI_LABEL_SETS", "TCM_DIRECTIONS",
            "paired_arms", "summarize_tcm_cell", "evaluate_any_size", "end_to_end_pair_unit",
            "tcm_active_pairs"]
 
@@ -79,7 +80,7 @@ class HeadConfig:
     loss_kwargs: dict = field(default_factory=dict)
     embed_dim: int = 128  # 0: the input dimension (required by init="identity")
     hidden: int = 0  # 0: linear head; > 0: Linear-ReLU-Linear with this width
-    init: str = "identity"  # identity: residual head x + B A x (B = 0 at start) on standardized features; random
+    init: str = "identity"  # identity: residual head x + B A x (B = 0 at start) on the centred, scaled features
     rank: int = 64  # rank of the residual correction B A (init="identity")
     steps: int = 300
     batch_size: int = 64
@@ -126,7 +127,7 @@ class _Head(nn.Module):
         self.register_buffer("std", std)
         out = cfg.embed_dim or in_dim
         self.residual = cfg.init == "identity"
-        if self.residual:  # z = x + B(A x): starts as the standardized features themselves
+        if self.residual:  # z = x + B(A x): starts as the centred, scaled features
             self.net = nn.Sequential(nn.Linear(in_dim, min(cfg.rank, in_dim), bias=False),
                                      nn.Linear(min(cfg.rank, in_dim), in_dim))
             nn.init.zeros_(self.net[1].weight)
@@ -172,7 +173,10 @@ def train_head(x, y, cfg: HeadConfig, views=None) -> nn.Module:
     g = torch.Generator().manual_seed(int(cfg.seed))
     torch.manual_seed(int(cfg.seed))
     rng = np.random.default_rng(int(cfg.seed))
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    # centre with the training mean and divide by one global scale (the RMS of the centred features): per-dimension
+    # standardization blows up dimensions that are (almost) constant on the training classes but not on new ones
+    mean = x.mean(0)
+    std = ((x - mean) ** 2).mean().sqrt().clamp_min(1e-12).expand(x.shape[1]).clone()
     head = _Head(mean, std, x.shape[1], cfg)
     v = None
     if views is not None and cfg.use_views:
@@ -296,18 +300,36 @@ def select_tcm_margins(x, y, cfg: HeadConfig, candidates: Sequence[Sequence[floa
                 torch.unique(y[va]).numel())}
 
 
+def select_lr(x, y, cfg: HeadConfig, lrs: Sequence[float], views=None, val_fraction: float = 0.2,
+              split_seed: int = 0) -> dict:
+    """The base head's learning rate with the best R@1 on validation classes held out of ``(x, y)`` (the same
+    validation classes as :func:`select_tcm_margins`; ties: the first). Returns ``{"lr", "table"}``."""
+    y = torch.as_tensor(y).reshape(-1).long()
+    tr, va = class_split(y, test_fraction=val_fraction, seed=split_seed + 1000)
+    vx = None if views is None else torch.as_tensor(views)[tr]
+    table = [{"lr": float(lr), "val_R@1": recall_at_1(embed_head(train_head(x[tr], y[tr], cfg.replace(
+        tcm=False, lr=float(lr)), vx), x[va]), y[va])} for lr in lrs]
+    return {"lr": max(table, key=lambda t: t["val_R@1"])["lr"], "table": table}
+
+
 def tcm_pair_unit(x, y, cfg: HeadConfig, seeds: Sequence[int], split_seed: int, n_test_classes: int | None,
                   candidates: Sequence[Sequence[float]], views=None, x_random=None, val_fraction: float = 0.2,
-                  r1_tolerance: float = 0.01) -> dict:
-    """One class split of the paired TCM design: margins chosen on validation classes of the training side, then
-    for every seed a base head and a TCM head (same seed, initialisation and batches) trained on all training
-    classes and scored on the test classes. Returns a JSON-able dict: ``margins`` (the selection record),
-    ``gates`` (:func:`frozen_gates` on the test classes), ``runs`` = ``[{seed, arm: base|tcm, R@1, OPIS, ...}]``."""
+                  r1_tolerance: float = 0.01, lr_candidates: Sequence[float] | None = None) -> dict:
+    """One class split of the paired TCM design: the head's learning rate (``lr_candidates``, optional) and then
+    TCM's margins chosen on validation classes of the training side, then for every seed a base head and a TCM head
+    (same seed, initialisation and batches) trained on all training classes and scored on the test classes.
+    Returns a JSON-able dict: ``lr`` / ``margins`` (the selection records), ``gates`` (:func:`frozen_gates` on the
+    test classes), ``runs`` = ``[{seed, arm: base|tcm, R@1, OPIS, ...}]``."""
     t0 = time.time()
     x = torch.as_tensor(x).float()
     y = torch.as_tensor(y).reshape(-1).long()
     tr, te = class_split(y, n_test_classes=n_test_classes, seed=split_seed)
     v = None if views is None else torch.as_tensor(views).float()
+    lr_sel = None
+    if lr_candidates:
+        lr_sel = select_lr(x[tr], y[tr], cfg.replace(seed=int(seeds[0])), lr_candidates,
+                           None if v is None else v[tr], val_fraction=val_fraction, split_seed=split_seed)
+        cfg = cfg.replace(lr=lr_sel["lr"])
     sel = select_tcm_margins(x[tr], y[tr], cfg.replace(seed=int(seeds[0])), candidates,
                              None if v is None else v[tr], val_fraction=val_fraction, split_seed=split_seed,
                              r1_tolerance=r1_tolerance)
@@ -319,7 +341,7 @@ def tcm_pair_unit(x, y, cfg: HeadConfig, seeds: Sequence[int], split_seed: int, 
             head = train_head(x[tr], y[tr], c, None if v is None else v[tr])
             runs.append({"seed": int(s), "arm": arm, **evaluate_embeddings(embed_head(head, x[te]), y[te])})
     gates = frozen_gates(x[te], y[te], None if x_random is None else torch.as_tensor(x_random)[te])
-    return {"split": int(split_seed), "margins": sel, "gates": gates, "runs": runs,
+    return {"split": int(split_seed), "lr": lr_sel, "margins": sel, "gates": gates, "runs": runs,
             "n_train_classes": int(torch.unique(y[tr]).numel()), "n_test_classes": int(torch.unique(y[te]).numel()),
             "n_test": int(len(te)), "seconds": round(time.time() - t0, 2), "config": cfg.to_dict()}
 
