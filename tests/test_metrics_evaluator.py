@@ -154,3 +154,29 @@ def test_cuda_matches_cpu():
     assert gpu["MAP@R"] == pytest.approx(cpu["MAP@R"], abs=1e-9)
     assert gpu["OPIS"] == pytest.approx(cpu["OPIS"], abs=cpu["opis_error_bound"])
     assert evaluate_retrieval(x.cuda().to(torch.bfloat16), lab.cuda())["R@1"] > 0
+
+
+@pytest.mark.parametrize("kind, opts", [("random", {}), ("clustered", {"rank_by": "per_threshold"}),
+                                        ("imbalanced", {"compare_to": "all"}), ("imbalanced", {})])
+def test_streaming_epsilon_opis_within_its_error_bound(kind, opts):
+    from contrastive_repro.metrics import epsilon_opis
+
+    x, lab = make_data(kind, n=600, seed=3)
+    exact = epsilon_opis(x, lab, **opts)
+    for n_bins in (300, None):
+        res = evaluate_retrieval(x.float(), lab, n_bins=n_bins, **opts)
+        assert abs(res["eps_OPIS"] - exact) <= res["eps_OPIS_error_bound"], (n_bins, res["eps_OPIS"], exact)
+    assert evaluate_retrieval(x.float(), lab, statistic="squared")["eps_OPIS_error_bound"] is None
+
+
+def test_automatic_bins_tighten_the_bound_at_small_n_and_keep_2000_at_large_n():
+    from contrastive_repro.metrics.evaluator import auto_bins
+
+    assert auto_bins(100_000, 1000) == 2000 and auto_bins(20_001, 10) == 2000
+    assert auto_bins(1000, 50) == 32768  # 16 B x 50 x 32768 = 25 MiB
+    assert auto_bins(20_000, 500) == (64 << 20) // (16 * 500) and auto_bins(5000, 10**6) == 2000
+    x, lab = make_data("imbalanced", n=800, seed=4)
+    exact = opis(x, lab)
+    fixed, auto = evaluate_retrieval(x.float(), lab, n_bins=2000), evaluate_retrieval(x.float(), lab)
+    assert auto["n_bins"] > 2000 and abs(auto["OPIS"] - exact) <= auto["opis_error_bound"]
+    assert auto["opis_error_bound"] < fixed["opis_error_bound"] / 4

@@ -208,3 +208,22 @@ def test_efficientnet_prefix_is_computed_once_and_cached():
     assert feats_train.shape[0] == 16 and feats_test.shape[0] == 8
     b = train_dml(data, cfg)
     assert len(data.cache) == 1 and a["test"] == b["test"]
+
+
+def test_paper_dataset_validates_on_held_out_classes(tmp_path, monkeypatch):
+    """DATA_ROOT loaders relabel each split to 0..C-1, so test labels look like training labels; the test classes
+    are still unseen, so the automatic validation split must hold out *classes* (CUB-format fixture tree)."""
+    from contrastive_repro.recipes.dml import test_classes_seen
+
+    ft.make_cub(tmp_path, class_ids=tuple(range(1, 11)) + (101, 102, 103), per_class=4)
+    monkeypatch.setenv("DATA_ROOT", str(tmp_path))
+    data = load_dml_data("cub200", image_size=8)
+    assert set(data.y_test.tolist()) <= set(data.y_train.tolist())  # the relabelling trap
+    assert not test_classes_seen(data)
+    res = train_dml(data, _cfg(loss="smooth_ap", steps=2, batch_size=8, samples_per_class=2, val_fraction=0.2,
+                               eval_every=1))
+    assert res["val_split"] == "class"
+    assert res["n_train_classes"] == 8 and res["n_train"] + res["n_val"] == 40  # 2 of 10 classes held out
+    item = DMLData("toy", data.x_train, data.y_train, data.x_test, data.y_test, 3, info={"protocol": "item"})
+    assert test_classes_seen(item)
+    assert test_classes_seen(_toy_data()) is False  # no protocol recorded: label values decide

@@ -46,7 +46,20 @@ from ._common import as_tensor, check_ks, dense_labels, int_labels
 from .opis import _check_options, epsilon_opis_from_utilities, opis_from_histograms
 from .retrieval import _ap_at_r
 
-__all__ = ["StreamingRetrievalEvaluator", "evaluate_retrieval"]
+__all__ = ["StreamingRetrievalEvaluator", "evaluate_retrieval", "auto_bins"]
+
+#: automatic histogram resolution: the default 2000 bins above AUTO_BINS_MAX_N items (keeps the N = 100k speed);
+#: below, as many bins as AUTO_BINS_BYTES of int64 histograms allow (16 bytes x classes x bins), at most AUTO_BINS_MAX
+AUTO_BINS_DEFAULT, AUTO_BINS_MAX, AUTO_BINS_MAX_N, AUTO_BINS_BYTES = 2000, 32768, 20000, 64 << 20
+
+
+def auto_bins(n_items: int, n_classes: int) -> int:
+    """Bins used when ``n_bins=None``: finer histograms (a tighter OPIS bound, which shrinks with the bin width)
+    where they are cheap -- up to ``AUTO_BINS_MAX_N`` items and ``AUTO_BINS_BYTES`` of histograms -- else 2000."""
+    if n_items > AUTO_BINS_MAX_N:
+        return AUTO_BINS_DEFAULT
+    fit = AUTO_BINS_BYTES // (16 * max(1, int(n_classes)))
+    return int(min(AUTO_BINS_MAX, max(AUTO_BINS_DEFAULT, fit)))
 
 
 class StreamingRetrievalEvaluator:
@@ -56,7 +69,8 @@ class StreamingRetrievalEvaluator:
     Args:
         ks: the k of Recall@k.
         n_bins: number of equal cosine-distance bins on [0, 2] for the OPIS histograms (bin width ``2 / n_bins``).
-            The histograms take ``16 x classes x n_bins`` bytes (int64, positive + negative).
+            The histograms take ``16 x classes x n_bins`` bytes (int64, positive + negative). None (default):
+            :func:`auto_bins` -- 2000 above 20,000 items, up to 32,768 below (64 MiB of histograms at most).
         chunk_size: query rows per block; default: about 2^24 similarities per block (64 MiB in float32).
         compute_opis / compute_map_at_r: skip the histograms / the MAP@R topk when False.
         epsilon: for epsilon-OPIS (None: skip it).
@@ -70,16 +84,16 @@ class StreamingRetrievalEvaluator:
     MAP@R. Queries' order does not matter.
     """
 
-    def __init__(self, ks: Sequence[int] = (1, 2, 4, 8), n_bins: int = 2000, chunk_size: int | None = None,
+    def __init__(self, ks: Sequence[int] = (1, 2, 4, 8), n_bins: int | None = None, chunk_size: int | None = None,
                  compute_opis: bool = True, epsilon: float | None = 0.1, compute_map_at_r: bool = True,
                  far_range: Sequence[float] = (1e-2, 1e-1), n_thresholds: int = 101, min_class_size: int = 2,
                  beta: float = 1.0, reference: str = "class_mean", rank_by: str = "mean_utility",
                  compare_to: str = "rest", statistic: str = "difference", device: torch.device | str | None = None,
                  compute_dtype: torch.dtype | None = None, exclude_lone_queries: bool = True):
         self.ks = check_ks(ks)
-        if int(n_bins) < 2:
-            raise ValueError("n_bins must be >= 2")
-        self.n_bins = int(n_bins)
+        if n_bins is not None and int(n_bins) < 2:
+            raise ValueError(f"n_bins must be >= 2 (or None: automatic), got {n_bins!r}")
+        self.n_bins = None if n_bins is None else int(n_bins)
         self.chunk_size = chunk_size
         self.compute_opis = compute_opis
         self.compute_map_at_r = compute_map_at_r
@@ -125,7 +139,8 @@ class StreamingRetrievalEvaluator:
         with fewer than 2 classes of ``min_class_size``.
 
         Extra keys: ``n_queries`` (queries counted in Recall@k), ``n_classes``, ``calibration_range``,
-        ``epsilon``. The histograms stay available as ``self.histograms`` (``pos``, ``neg`` [classes, bins],
+        ``epsilon``, ``eps_OPIS_error_bound`` (a bound on |eps_OPIS - exact|), ``n_bins``. The histograms stay
+        available as ``self.histograms`` (``pos``, ``neg`` [classes, bins],
         ``class_sizes``, ``classes``).
         """
         if not self._emb:
@@ -140,9 +155,9 @@ class StreamingRetrievalEvaluator:
         n, dim = emb.shape
         if n < 2:
             raise ValueError("need at least 2 embeddings")
-        nb = self.n_bins
-        half = nb / 2.0
         uniq, dense = dense_labels(lab)
+        nb = self.n_bins or auto_bins(n, int(uniq.numel()))
+        half = nb / 2.0
         order = torch.argsort(dense, stable=True)
         dense = dense[order]
         # ga = sqrt(nb/2) [x / |x|, 1] (rows sorted by label): ga_i . ga_j = (nb/2)(1 + cos_ij) = nb - d_ij / w, the
@@ -276,9 +291,11 @@ class StreamingRetrievalEvaluator:
                 res = None
             out["OPIS"] = res["opis"] if res else None
             out["opis_error_bound"] = res["opis_error_bound"] if res else None
+            out["n_bins"] = nb
             if self.opis_kwargs["epsilon"] is not None:
                 eps = res["epsilon_opis"] if res else float("nan")
                 out["eps_OPIS"] = None if math.isnan(eps) else eps
+                out["eps_OPIS_error_bound"] = None if out["eps_OPIS"] is None else res.get("epsilon_opis_error_bound")
                 out["epsilon"] = self.opis_kwargs["epsilon"]
             out["calibration_range"] = res["calibration_range"] if res else None
         return out

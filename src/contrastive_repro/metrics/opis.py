@@ -357,9 +357,12 @@ def opis_from_histograms(pos_hist, neg_hist, class_sizes, far_range: Sequence[fl
     (5) with ``D = U - Ubar``, ``|D - D'| <= e_ik + r_k`` (``r_k`` = mean of ``e_ik``, or the global utility's
     width for ``reference="global"``) and ``|D^2 - D'^2| <= |D - D'| (2|D'| + |D - D'|)``; averaging gives
     ``|OPIS - OPIS'| <= mean_{i,k} (e_ik + r_k)(2|D'_ik| + e_ik + r_k)``. The bound shrinks with the bin width
-    (for continuous distance distributions, linearly). No bound is given for epsilon-OPIS (class ranking).
+    (for continuous distance distributions, linearly). ``epsilon_opis_error_bound`` bounds epsilon-OPIS the same way
+    (order-statistic sums are monotone in the utilities, whatever the class ranking; ``statistic="difference"`` only,
+    else None).
 
-    Returns a dict: ``opis``, ``opis_error_bound``, ``epsilon_opis`` (unless ``epsilon`` is None),
+    Returns a dict: ``opis``, ``opis_error_bound``, ``epsilon_opis`` and ``epsilon_opis_error_bound`` (unless
+    ``epsilon`` is None),
     ``calibration_range``, ``thresholds``, ``utility`` [kept classes, thresholds], ``kept_classes`` (row indices).
     """
     _check_options(far_range, n_thresholds, "cosine", min_class_size, reference)
@@ -441,4 +444,31 @@ def opis_from_histograms(pos_hist, neg_hist, class_sizes, far_range: Sequence[fl
     if epsilon is not None:
         out["epsilon_opis"] = (epsilon_opis_from_utilities(u, epsilon, rank_by, compare_to, statistic)
                                if u.shape[0] >= 2 else float("nan"))
+        out["epsilon_opis_error_bound"] = (
+            _eps_bound(u, u_lo, u_hi, out["epsilon_opis"], epsilon, rank_by, compare_to)
+            if u.shape[0] >= 2 and statistic == "difference" else None)
     return out
+
+
+def _eps_bound(u, u_lo, u_hi, value, epsilon, rank_by, compare_to) -> float:
+    """Bound on |epsilon-OPIS_hist - epsilon-OPIS_exact| for ``statistic="difference"``.
+
+    With W the m worst classes, the gap "mean of the rest (or of all) minus mean of W" is a difference of two
+    order-statistic sums -- the sum of the C - m largest (or of all) values and the sum of the m smallest -- and each
+    is monotone in every class's utility, whichever classes end up in W. ``rank_by="mean_utility"`` ranks by the mean
+    over thresholds (the statistic is then the gap of those means); ``"per_threshold"`` ranks at every threshold (the
+    gap is averaged). The exact and the approximate utilities both lie in ``[u_lo, u_hi]`` (see
+    :func:`opis_from_histograms`), so both statistics lie in ``[G(lo, hi), G(hi, lo)]`` with
+    ``G(a, b) = top(a) - bottom(b)``: the bound is the larger distance from the approximate value to its ends.
+    """
+    n_cls = u.shape[0]
+    m = _n_worst(n_cls, epsilon)
+    lo, hi = (u_lo.mean(1, keepdim=True), u_hi.mean(1, keepdim=True)) if rank_by == "mean_utility" else (u_lo, u_hi)
+
+    def gap(a, b):  # lower end: a = lo (upper part), b = hi (worst part); upper end: the other way round
+        top = torch.sort(a, dim=0).values[m:].mean(0) if compare_to == "rest" else a.mean(0)
+        bottom = torch.sort(b, dim=0).values[:m].mean(0)
+        return float((top - bottom).mean())
+
+    g_lo, g_hi = gap(lo, hi), gap(hi, lo)
+    return float(max(abs(value - g_lo), abs(g_hi - value)))

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 __all__ = ["DMLConfig", "DMLData", "DML_DATASETS", "OFFLINE_DATASETS", "PAPER_DATASETS", "IMAGENET_MEAN",
            "IMAGENET_STD", "load_dml_data", "train_dml", "build_trunk", "prepare_images", "embed",
-           "angular_stats", "load_mnist_cached", "retrieval_metrics"]
+           "angular_stats", "load_mnist_cached", "retrieval_metrics", "test_classes_seen"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -533,6 +533,16 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks=(1, 2, 
     return out
 
 
+def test_classes_seen(data: DMLData) -> bool:
+    """Are the test classes training classes too (closed set)? Decided by ``data.info["protocol"]`` when the loader
+    recorded it ("item": yes; "class": no -- the DATA_ROOT loaders relabel *each* split to 0..C-1, so equal label
+    values there do not mean equal classes); otherwise by comparing the label values."""
+    protocol = (data.info or {}).get("protocol")
+    if protocol in ("class", "item"):
+        return protocol == "item"
+    return bool(np.isin(data.y_test.numpy(), data.y_train.numpy()).all())
+
+
 def _carve_validation(y: torch.Tensor, cfg: DMLConfig,
                       closed_set: bool = False) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Train / validation indices into the training data. ``auto``: held-out items when the test classes are
@@ -600,7 +610,7 @@ def train_dml(data: DMLData, cfg: DMLConfig, *, ckpt_dir: str | None = None, ckp
     device = get_device(cfg.device)
 
     # ---- splits: training classes -> train / validation; the test split is only touched at the end
-    closed_set = bool(np.isin(data.y_test.numpy(), data.y_train.numpy()).all())
+    closed_set = test_classes_seen(data)
     tr_idx, va_idx, val_mode = _carve_validation(data.y_train, cfg, closed_set)
     y_tr_raw = data.y_train[tr_idx]
     uniq, y_tr = torch.unique(y_tr_raw, return_inverse=True)  # contiguous 0..C-1 for class-weight losses
