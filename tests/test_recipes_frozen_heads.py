@@ -169,3 +169,12 @@ def test_clip_heads_train_and_evaluate():
         m = fh.evaluate_clip_heads(h["w_img"][0], h["w_txt"][0], img[30:], txt[30:], lab[30:], lab[30:] % 2,
                                    txt[:4], [txt[:4][[0, 2]], txt[:4][[1, 3]]], img[:30], lab[:30], shots=(1,))
         assert m["i2t R@10"] == 1.0 and 0 <= m["zs subgroup top1"] <= 1 and m["1-shot subgroup"] > 0.5
+
+
+def test_end_to_end_settings_reject_unknown_keys():
+    from contrastive_repro.recipes import dcl_end_to_end as e2e
+
+    s = e2e.settings({"ssl_epochs": 3.0})
+    assert s["ssl_epochs"] == 3.0 and s["clip_preset"] == e2e.DEFAULTS["clip_preset"]
+    with pytest.raises(ValueError, match="ssl_epoch"):
+        e2e.settings({"ssl_epoch": 3.0})

@@ -477,3 +477,41 @@ def evaluate_clip_heads(w_img, w_txt, img_te, txt_te, sub_te, grp_te, prompts_su
         for k, v in recall_at_k(sim.T).items():
             out[f"t2i R@{k}"] = float(v)
     return out
+
+
+# ---------------------------------------------------------------------------------------- multi-process form
+def sharded_symmetric_loss(za: torch.Tensor, zb: torch.Tensor, arm: str, tau: float, *, gather=None,
+                           rank: int | None = None, log_u: tuple[torch.Tensor, torch.Tensor] | None = None
+                           ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The symmetric loss of this rank's ``B`` pairs (``za``, ``zb`` ``[B, p]``, normalized) against the whole
+    global batch: candidates are gathered *with gradient* (``gather=True``:
+    :func:`contrastive_repro.distributed.all_gather_with_grad`), row ``i`` of this rank is global row
+    ``rank * B + i`` and its positive sits in that column. ``log_u``: ``(a->b, b->a)`` ``[B]`` for the decomposable
+    arms. Returns ``(mean over this rank's anchors, (log Zhat a->b, log Zhat b->a))`` -- the ``log Zhat`` feed the
+    E-step. The mean over ranks of the returned losses is the single-process loss of the concatenated batch, and
+    with DDP's gradient averaging (or an all-reduce mean of the gradients) so is the gradient."""
+    from ..losses.infonce import resolve_gather
+
+    gather, rank = resolve_gather(gather, rank)
+    b = za.shape[0]
+    all_a, all_b = (za, zb) if gather is None else (gather(za), gather(zb))
+    cols = torch.arange(b, device=za.device) + (0 if gather is None else rank * b)
+    terms, zhats = [], []
+    for k, (anc, cand) in enumerate(((za, all_b), (zb, all_a))):
+        logits = anc @ cand.T / tau                                      # [B, W*B]
+        pos = logits.gather(1, cols.unsqueeze(1)).squeeze(1)
+        own = torch.zeros_like(logits, dtype=torch.bool)
+        own[torch.arange(b), cols] = True
+        log_zhat = torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=1) - math.log(cand.shape[0] - 1)
+        zhats.append(log_zhat.detach())
+        if arm in ("conventional", "clip"):
+            terms.append(torch.logsumexp(logits, dim=1) - pos)
+        elif arm == "control":
+            terms.append(log_zhat - pos)
+        elif arm in ("decomposable", "sampled"):
+            if log_u is None:
+                raise ValueError(f"arm {arm!r} needs log_u")
+            terms.append(torch.exp(log_u[k] + log_zhat) - pos)
+        else:
+            raise ValueError(f"arm must be one of {SSL_ARMS + CLIP_ARMS}, got {arm!r}")
+    return 0.5 * (terms[0] + terms[1]).mean(), (zhats[0], zhats[1])
