@@ -410,17 +410,29 @@ def _ssl_job(args):
 
 
 def ssl_sweep(jobs: Sequence[tuple[str, int, int]], pool: dict, train_idx, test_idx, *, workers: int = 1,
-              **kw) -> dict:
+              on_result=None, **kw) -> dict:
     """:func:`train_ssl_heads` for every ``(arm, batch_size, steps)`` (readouts at ``steps/2`` and ``steps``);
-    ``{(arm, B): result}`` with string step keys (JSON-ready). ``workers > 1``: that many processes."""
+    ``{(arm, B): result}`` with string step keys (JSON-ready). ``workers > 1``: that many processes.
+    ``on_result(key, result)`` is called as each job finishes (e.g. to store it: an interrupted sweep resumes)."""
     todo = [(a, int(b), int(t), pool, train_idx, test_idx, kw) for a, b, t in jobs]
+    out = {}
+
+    def done(key, res):
+        out[key] = res
+        if on_result is not None:
+            on_result(key, res)
+
     if workers <= 1 or len(todo) <= 1:
-        return dict(_ssl_job(j) for j in todo)
+        for j in todo:
+            done(*_ssl_job(j))
+        return out
     import concurrent.futures as cf
     import multiprocessing as mp
 
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as ex:
-        return dict(ex.map(_ssl_job, todo))
+        for fut in cf.as_completed([ex.submit(_ssl_job, j) for j in todo]):
+            done(*fut.result())
+    return out
 
 
 def family_split(captions: Sequence[str], test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
