@@ -178,3 +178,17 @@ def test_end_to_end_settings_reject_unknown_keys():
     assert s["ssl_epochs"] == 3.0 and s["clip_preset"] == e2e.DEFAULTS["clip_preset"]
     with pytest.raises(ValueError, match="ssl_epoch"):
         e2e.settings({"ssl_epoch": 3.0})
+
+
+def test_choose_momentum_on_a_validation_pool():
+    views, x, y = _toy_pool(n=60)
+    pool = {"views": views, "x": x, "y": y}
+    res = fh.choose_momentum([0.0, 0.9], pool, 20, [100, 101], batch_size=8, steps=20, proj_dim=4, tau=0.5)
+    tr, te = fh.split_pool(60, 20, [100, 101])
+    for m, score in res["scores"].items():
+        r = fh.train_ssl_heads("decomposable", views, x, y, tr, te, batch_size=8, steps=20, seeds=[100, 101],
+                               proj_dim=4, tau=0.5, momentum=m, eval_at=[20])
+        assert score == pytest.approx(float(np.mean(r["eval"][20]["objective"])))
+    assert res["chosen"] == min(res["scores"], key=res["scores"].get)
+    with pytest.raises(ValueError):
+        fh.choose_momentum([1.0], pool, 20, [100], batch_size=8, steps=5)

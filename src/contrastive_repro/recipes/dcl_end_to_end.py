@@ -42,7 +42,8 @@ def settings(overrides: dict | None) -> dict:
 
 
 def _ssl_config(s: dict, loss: str, batch_size: int, seed: int) -> ssl.SSLConfig:
-    return ssl.SSLConfig(loss=loss, batch_size=batch_size, epochs=s["ssl_epochs"] if s["ssl_budget"] == "epochs" else 1.0,
+    return ssl.SSLConfig(loss=loss, batch_size=batch_size,
+                         epochs=s["ssl_epochs"] if s["ssl_budget"] == "epochs" else 1.0,
                          steps=s["ssl_steps"] if s["ssl_budget"] == "steps" else 0, lr=s["ssl_lr"],
                          lr_scaling=s["ssl_lr_scaling"], lr_ref_batch=s["ssl_lr_ref_batch"],
                          weight_decay=s["ssl_weight_decay"], temperature=s["ssl_temperature"],

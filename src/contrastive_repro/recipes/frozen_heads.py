@@ -371,8 +371,9 @@ def balanced_top1(pred: torch.Tensor, labels: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------ data and sweeps
 def fashion_pool(n_pool: int, *, resolution: int = 32, views: int = 2, pca_dim: int = 128, pretrained: bool = True,
-                 progress: bool = False) -> dict:
-    """A fixed random pool of ``n_pool`` Fashion-MNIST training images (generator seed 0) through the frozen
+                 progress: bool = False, offset: int = 0) -> dict:
+    """A fixed random pool of ``n_pool`` Fashion-MNIST training images (positions ``offset .. offset + n_pool`` of a
+    random permutation with generator seed 0, so pools with disjoint ranges share no image) through the frozen
     EfficientNet-Lite0 (``pretrained=False``: the same network at random init -- a gate), ``views`` augmented views
     each, reduced by a whitened PCA fitted on the clean features of the pool (part of the frozen encoder; labels are
     never used). Returns ``{"views" [P, K, pca_dim], "x" [P, pca_dim], "y" [P], "raw_dim", "seconds"}``."""
@@ -382,11 +383,13 @@ def fashion_pool(n_pool: int, *, resolution: int = 32, views: int = 2, pca_dim: 
     if views < 2:
         raise ValueError(f"views must be >= 2 (two views make a positive pair), got {views}")
     x, y = load_fashion_mnist("train")
-    if not 2 <= n_pool <= len(x):
-        raise ValueError(f"n_pool must be in [2, {len(x)}], got {n_pool}")
-    sel = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n_pool]
+    if not 2 <= n_pool <= len(x) - offset or offset < 0:
+        raise ValueError(f"need 2 <= n_pool <= {len(x)} - offset and offset >= 0, got n_pool={n_pool}, "
+                         f"offset={offset}")
+    sel = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[offset:offset + n_pool]
     t0 = time.perf_counter()
-    f = image_features(x[sel].unsqueeze(1).contiguous(), f"fashion-mnist-pool{n_pool}", layers=("final",),
+    name = f"fashion-mnist-pool{n_pool}" + (f"-at{offset}" if offset else "")
+    f = image_features(x[sel].unsqueeze(1).contiguous(), name, layers=("final",),
                        resolution=resolution, views=views, pretrained=pretrained, progress=progress)
     pca = pca_fit(f["final"], min(pca_dim, n_pool - 1, f["final"].shape[1]))
     return {"views": pca_apply(f["view_final"], pca), "x": pca_apply(f["final"], pca), "y": y[sel].clone(),
@@ -527,3 +530,21 @@ def sharded_symmetric_loss(za: torch.Tensor, zb: torch.Tensor, arm: str, tau: fl
         else:
             raise ValueError(f"arm must be one of {SSL_ARMS + CLIP_ARMS}, got {arm!r}")
     return 0.5 * (terms[0] + terms[1]).mean(), (zhats[0], zhats[1])
+
+
+def choose_momentum(candidates: Sequence[float], pool: dict, n_test: int, seeds: Sequence[int], *, batch_size: int,
+                    steps: int, **kw) -> dict:
+    """The E-step momentum of the decomposable arm, chosen on a *validation pool* (other images than the study's):
+    the candidate with the lowest mean held-out objective at ``batch_size`` over ``seeds`` (ties: the first).
+    Returns ``{"chosen", "scores": {momentum: mean objective}}``."""
+    if not candidates:
+        raise ValueError("choose_momentum needs at least one candidate")
+    tr, te = split_pool(pool["x"].shape[0], n_test, seeds)
+    scores = {}
+    for m in candidates:
+        if not 0.0 <= float(m) < 1.0:
+            raise ValueError(f"momentum candidates must be in [0, 1), got {m!r}")
+        r = train_ssl_heads("decomposable", pool["views"], pool["x"], pool["y"], tr, te, batch_size=batch_size,
+                            steps=steps, seeds=seeds, momentum=float(m), eval_at=[steps], **kw)
+        scores[float(m)] = float(np.mean(r["eval"][steps]["objective"]))
+    return {"chosen": min(scores, key=scores.get), "scores": scores}
