@@ -190,3 +190,81 @@ def test_noise_study_grid(problem):
     assert set(res) == {(l, n) for l in ("infonce", "decomposable") for n in (0.0, 16.0)}
     single = train_run("decomposable", 16.0, seed=[0, 1], steps=20, batch_size=8, log_every=10, problem=problem)
     assert np.array_equal(res[("decomposable", 16.0)]["metric"], single["metric"])
+
+
+# ---- notebook 01's arms, criterion and validation choice ------------------------------------------------------
+from contrastive_repro.stats import PairedVerdict  # noqa: E402
+from contrastive_repro.synthetic import (ARMS, arm_kwargs, arm_study, arm_summary, choose_momentum,  # noqa: E402
+                                         curve_change, distance_from_optimum, one_batch_u_ratio,
+                                         within_tolerance)
+
+
+def test_arm_kwargs_and_unknown_arm():
+    assert arm_kwargs("oracle") == ("decomposable", {"z_estimate": "exact", "e_step": "mean"})
+    assert arm_kwargs("sampled")[1]["e_step"] == "sample"
+    assert set(ARMS) == {"conventional", "decomposable", "sampled", "oracle"}
+    with pytest.raises(ValueError, match="arm must be one of"):
+        arm_kwargs("nope")
+
+
+def test_tolerance_and_distance_by_hand():
+    fm = [1.0, 0.995, 0.98, 1.02, 0.5]
+    np.testing.assert_allclose(distance_from_optimum(fm), [0, 0.005, 0.02, 0.02, 0.5], atol=1e-12)
+    assert within_tolerance(fm, 0.01) == 2
+    assert within_tolerance(fm, 0.02 + 1e-12) == 4
+    with pytest.raises(ValueError):
+        within_tolerance(fm, 0.0)
+
+
+def test_curve_change_uses_the_last_fraction():
+    step = np.arange(0, 101, 10)                        # 0..100
+    m = np.vstack([np.linspace(0, 1, 11), np.full(11, 0.7)])
+    ch = curve_change(m, step, frac=0.25)                # nearest logged step to 75 is 70 (ties: first)
+    np.testing.assert_allclose(ch, [1.0 - 0.7, 0.0], atol=1e-12)
+    with pytest.raises(ValueError):
+        curve_change(m, step[:-1])
+
+
+def test_arm_summary_paired_direction():
+    conv = [0.70, 0.68, 0.69, 0.71]
+    dec = [0.999, 0.995, 1.003, 0.992]
+    rows = {r["arm"]: r for r in arm_summary({"conventional": conv, "decomposable": dec}, tol=0.01)}
+    assert rows["conventional"]["verdict"] is None and rows["conventional"]["within_tol"] == 0
+    assert rows["decomposable"]["within_tol"] == 4
+    v = rows["decomposable"]["verdict"]
+    assert isinstance(v, PairedVerdict) and v.verdict == "reproduced"
+    expected = np.mean(np.abs(np.array(dec) - 1) - np.abs(np.array(conv) - 1))
+    assert v.effect == pytest.approx(expected)
+    rows = {r["arm"]: r for r in arm_summary({"conventional": dec, "decomposable": conv}, tol=0.01)}
+    assert rows["decomposable"]["verdict"].verdict == "opposite"
+
+
+def test_arm_study_is_paired_and_matches_train_run(problem):
+    kw = dict(steps=20, batch_size=8, lr=4.0, log_every=10)
+    out = arm_study([("conventional", 4.0), ("oracle", 4.0)], [0, 1],
+                    problem_kwargs=dict(num_classes=16, num_frequencies=2, tau=0.5), **kw)
+    ref = train_run("decomposable", 4.0, seed=[0, 1], problem=problem, z_estimate="exact", **kw)
+    np.testing.assert_allclose(out[("oracle", 4.0)]["final_metric"], ref["final_metric"], rtol=0, atol=1e-12)
+    conv = train_run("infonce", 4.0, seed=[0, 1], problem=problem, **kw)
+    np.testing.assert_allclose(out[("conventional", 4.0)]["final_metric"], conv["final_metric"], atol=1e-12)
+
+
+def test_choose_momentum_picks_the_smallest_validation_distance(problem):
+    kw = dict(steps=30, batch_size=8, lr=4.0, log_every=30)
+    res = choose_momentum([0.0, 0.5], 2.0, [100, 101], problem=problem, **kw)
+    for m, score in res["scores"].items():
+        r = train_run("decomposable", 2.0, seed=[100, 101], problem=problem, momentum=m, **kw)
+        assert score == pytest.approx(float(np.abs(r["final_metric"] - 1).mean()))
+    assert res["chosen"] == min(res["scores"], key=res["scores"].get)
+    with pytest.raises(ValueError):
+        choose_momentum([1.0], 2.0, [100], problem=problem, **kw)
+
+
+def test_one_batch_u_ratio_quantiles(problem):
+    no_noise = one_batch_u_ratio(64, 0.0, n_draws=200, problem=problem)
+    heavy = one_batch_u_ratio(8, 64.0, n_draws=200, problem=problem)
+    assert no_noise["q"] == [0.1, 0.25, 0.5, 0.75, 0.9]
+    assert np.all(np.diff(heavy["value"]) >= 0) and np.all(np.isfinite(heavy["value"]))
+    assert abs(no_noise["value"][2] - 1.0) < 0.1               # many negatives: Zhat ~ Z
+    assert heavy["value"][2] > 2.0                               # < 1 effective negative: Zhat mostly tiny
+    assert heavy["value"][4] - heavy["value"][0] > no_noise["value"][4] - no_noise["value"][0]

@@ -442,3 +442,156 @@ def _independent_estimate(problem, f0, g0, r, batch_size, noise, n_batches, data
         vals = vals + log_w
     est = torch.logsumexp(vals, dim=-1) - math.log(n)             # [r, n_batches, K]
     return torch.logsumexp(est, dim=1) - math.log(n_batches)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arms, tolerance criterion, flatness and the E-step momentum chosen on validation (notebook 01)
+# ----------------------------------------------------------------------------------------------------------------
+#: The study's arms: name -> (loss, extra train_run arguments). ``oracle``: u = 1/Z_x of the current tables, computed
+#: from the full K x K table (no estimate); ``sampled``: the paper's stochastic-EM form, u drawn from its Gamma
+#: conditional Gamma(1, rate=Zbar_x) with Zbar_x the running estimate.
+ARMS = {
+    "conventional": ("infonce", {}),
+    "decomposable": ("decomposable", {"z_estimate": "running", "e_step": "mean"}),
+    "sampled": ("decomposable", {"z_estimate": "running", "e_step": "sample"}),
+    "oracle": ("decomposable", {"z_estimate": "exact", "e_step": "mean"}),
+}
+
+
+def arm_kwargs(arm: str) -> tuple[str, dict]:
+    """``(loss, kwargs)`` of one of :data:`ARMS` (a ``ValueError`` naming the arm otherwise)."""
+    if arm not in ARMS:
+        raise ValueError(f"arm must be one of {tuple(ARMS)}, got {arm!r}")
+    loss, kw = ARMS[arm]
+    return loss, dict(kw)
+
+
+def distance_from_optimum(final_metric) -> np.ndarray:
+    """``|metric - 1|`` per run (the optimum is exactly 1.0)."""
+    return np.abs(np.asarray(final_metric, dtype=np.float64) - 1.0)
+
+
+def within_tolerance(final_metric, tol: float) -> int:
+    """How many runs end within ``tol`` of the optimum (``|metric - 1| <= tol``)."""
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    return int((distance_from_optimum(final_metric) <= tol).sum())
+
+
+def curve_change(metric: np.ndarray, step: np.ndarray, frac: float = 0.25) -> np.ndarray:
+    """Per run, ``|m(T) - m((1 - frac) T)|``: how much the curve still moved over its last ``frac`` of the steps
+    (``metric`` ``[S, T_log]``, ``step`` ``[T_log]``; the logged step nearest to ``(1 - frac) T`` is used)."""
+    if not 0 < frac < 1:
+        raise ValueError(f"frac must be in (0, 1), got {frac!r}")
+    metric, step = np.asarray(metric, dtype=np.float64), np.asarray(step, dtype=np.float64)
+    if metric.ndim != 2 or metric.shape[1] != step.size:
+        raise ValueError(f"metric must be [runs, {step.size}], got {metric.shape}")
+    i = int(np.argmin(np.abs(step - (1.0 - frac) * step[-1])))
+    return np.abs(metric[:, -1] - metric[:, i])
+
+
+def arm_summary(finals: dict, tol: float, reference: str = "conventional", alpha: float = 0.05) -> list[dict]:
+    """One row per arm of one noise level: runs within ``tol``, mean distance from 1.0, and the paired verdict of
+    the arm against ``reference`` on the per-seed distance from 1.0 (paper direction: the decomposable arms are
+    *closer* to 1.0, i.e. ``direction=-1`` on ``b - a`` with ``a`` the reference's distances).
+
+    ``finals``: ``{arm: per-seed final metric}`` (same seeds, same order in every arm)."""
+    from .stats import paired_verdict
+
+    if reference not in finals:
+        raise ValueError(f"reference arm {reference!r} is not among {sorted(finals)}")
+    ref = distance_from_optimum(finals[reference])
+    rows = []
+    for arm, fm in finals.items():
+        d = distance_from_optimum(fm)
+        row = {"arm": arm, "runs": int(d.size), "within_tol": within_tolerance(fm, tol),
+               "mean_distance": float(d.mean()), "median_distance": float(np.median(d)), "verdict": None}
+        if arm != reference:
+            row["verdict"] = paired_verdict(ref, d, direction=-1, alpha=alpha)
+        rows.append(row)
+    return rows
+
+
+def choose_momentum(candidates: Sequence[float], noise: float, seeds: Sequence[int], *,
+                    problem: SyntheticProblem | None = None, workers: int = 1, **train_kwargs) -> dict:
+    """Pick the E-step momentum of the running estimate on a validation problem: the candidate whose decomposable
+    runs end closest to the optimum (smallest mean ``|metric - 1|``; ties: the first) at noise level ``noise``.
+
+    ``seeds`` must be disjoint from the study's (they set the initializations and the batch/noise stream, i.e. the
+    validation problem is another draw of the generator). Returns ``{"chosen", "scores": {momentum: mean distance}}``.
+    """
+    if not candidates:
+        raise ValueError("choose_momentum needs at least one candidate")
+    for m in candidates:
+        if not 0.0 <= float(m) < 1.0:
+            raise ValueError(f"momentum candidates must be in [0, 1), got {m!r}")
+    problem = problem or make_problem()
+    pk = dict(num_classes=problem.num_classes, num_frequencies=problem.dim // 2, tau=problem.tau)
+    jobs = [("decomposable", float(noise), dict(train_kwargs, seed=[int(s) for s in seeds], momentum=float(m)), pk)
+            for m in candidates]
+    if workers <= 1 or len(jobs) <= 1:
+        results = [_arm_job(j)[1] for j in jobs]
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+            results = [r for _, r in pool.map(_arm_job, jobs)]
+    scores = {float(m): float(distance_from_optimum(r["final_metric"]).mean()) for m, r in zip(candidates, results)}
+    chosen = min(scores, key=scores.get)
+    return {"chosen": chosen, "scores": scores}
+
+
+@torch.no_grad()
+def one_batch_u_ratio(batch_size: int, noise: float, n_draws: int = 2000, *,
+                      problem: SyntheticProblem | None = None, seed: int = 0,
+                      quantiles: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9)) -> dict:
+    """Quantiles of ``u Z = Z / Zhat`` when ``u = 1/Zhat`` comes from a single noisy batch (``B - 1`` negatives),
+    at a random initialization, pooled over classes and draws.
+
+    ``u Z = 1`` is the exact E-step; the *mean* of ``Z / Zhat`` is infinite once ``noise >= B - 1`` (see the module
+    docstring), so only quantiles are reported -- they are always finite. Returns ``{"q": [...], "value": [...]}``.
+    """
+    problem = problem or make_problem()
+    k = problem.num_classes
+    f0, g0 = init_params(problem, [seed])
+    f0, g0 = f0[0], g0[0]
+    log_z = torch.logsumexp(problem.scores(f0, g0), dim=-1) - math.log(k)
+    gen = torch.Generator().manual_seed(seed + 1)
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    left = int(n_draws)
+    while left > 0:
+        r = min(left, max(1, 200_000 // (k * batch_size)))
+        est = _independent_estimate(problem, f0, g0, r, batch_size, noise, 1, gen, rng)   # [r, K]
+        out.append((log_z.unsqueeze(0) - est).reshape(-1))
+        left -= r
+    log_ratio = torch.cat(out).numpy()
+    qs = [float(q) for q in quantiles]
+    return {"q": qs, "value": np.exp(np.quantile(log_ratio, qs)).tolist()}
+
+
+def _arm_job(args):
+    arm, noise, kwargs, problem_kwargs = args
+    loss, extra = arm_kwargs(arm)
+    r = train_run(loss, noise, problem=make_problem(**problem_kwargs), **extra, **kwargs)
+    return (arm, noise), {"step": np.asarray(r["step"]).tolist(), "metric": np.asarray(r["metric"]).tolist(),
+                          "final_metric": np.asarray(r["final_metric"]).tolist(), "seconds": r["seconds"]}
+
+
+def arm_study(jobs: Sequence[tuple[str, float]], seeds: Sequence[int], *, problem_kwargs: dict | None = None,
+              workers: int = 1, **train_kwargs) -> dict:
+    """Train every ``(arm, noise)`` of ``jobs`` (arms of :data:`ARMS`), each vectorized over ``seeds``; JSON-ready
+    histories ``{(arm, noise): {"step", "metric", "final_metric", "seconds"}}``. Every arm sees the same
+    initializations, batches and noise for the same seeds (paired). ``workers > 1``: that many processes."""
+    for arm, _ in jobs:
+        arm_kwargs(arm)
+    todo = [(arm, float(noise), dict(train_kwargs, seed=[int(s) for s in seeds]), dict(problem_kwargs or {}))
+            for arm, noise in jobs]
+    if workers <= 1 or len(todo) <= 1:
+        return dict(_arm_job(j) for j in todo)
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+        return dict(pool.map(_arm_job, todo))

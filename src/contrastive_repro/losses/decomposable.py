@@ -72,9 +72,11 @@ relative size about ``Var(Zbar_i) / Z_i^2``.
   ``1 - momentum``. That small correlation is deliberate: when a heavy-tailed batch estimate ``Zhat_i`` spikes,
   ``u_i`` drops with it and damps the spike's gradient (variance control), at the cost of a bias of order
   ``(1 - momentum) * Var(Zhat_i)/Z_i^2`` towards the conventional gradient. ``momentum -> 0`` is the conventional
-  loss; ``momentum -> 1`` (or the exact ``u_i = 1/Z_i``) is unbiased but lets every spike through. In the
-  synthetic noise study (:mod:`contrastive_repro.synthetic`) 0.8 beat 0.7 and 0.9 under heavy noise, and the
-  exact ``1/Z_i`` did worse than all of them at a fixed step budget.
+  loss; ``momentum -> 1`` (or the exact ``u_i = 1/Z_i``) is unbiased but lets every spike through. Which
+  momentum is best depends on the noise, the batch size *and the step budget*: in the synthetic noise study
+  (:mod:`contrastive_repro.synthetic`) at B = 64 and 3000 steps, 0.8 beat 0.7 and 0.9 under heavy noise and the
+  exact ``1/Z_i`` did worse than all of them, but with 12k steps the exact ``1/Z_i`` reaches the optimum at
+  noise 1024 -- so no value is a general recommendation; notebook 01 chooses it on a validation problem.
 * ``"minibatch"``: ``Zbar_i = Zhat_i`` of the current batch only. Then ``u_i Zhat_i`` has gradient
   ``grad Zhat_i / Zhat_i``: this is *exactly the conventional (biased) InfoNCE gradient* (``e_step="mean"``), or
   that gradient with its negative part multiplied by an Exp(1) variable (``"sample"``). Useful as a control.
