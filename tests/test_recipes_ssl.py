@@ -111,22 +111,6 @@ def test_batch_to_reach_by_hand():
     assert ssl.batch_to_reach([32, 64], [0.1, 0.2], 0.5)["interpolated"] is None
 
 
-def test_batch_size_claim_verdicts():
-    bs = [32, 64, 128, 256]
-    conv = [0.50, 0.60, 0.70, 0.80]
-    # decomposable reaches 0.80 at 128: ratio 0.5 -> holds
-    c = ssl.batch_size_claim(bs, conv, [0.60, 0.70, 0.80, 0.85])
-    assert c["target"] == 0.80 and c["ratio"] == pytest.approx(0.5) and c["verdict"] == "holds"
-    # same curve: ratio 1 -> does not hold
-    assert ssl.batch_size_claim(bs, conv, conv)["verdict"] == "does not hold"
-    # never reached
-    c = ssl.batch_size_claim(bs, conv, [0.5, 0.55, 0.6, 0.7])
-    assert c["verdict"] == "does not hold" and c["ratio"] is None
-    # flat curves: both at the smallest batch -> not resolved
-    c = ssl.batch_size_claim(bs, [0.8] * 4, [0.8] * 4)
-    assert c["verdict"] == "not resolved" and c["ratio"] is None
-
-
 def test_ssl_image_folder_missing_names_data_root(tmp_path, monkeypatch):
     monkeypatch.setenv("DATA_ROOT", str(tmp_path))
     with pytest.raises(DatasetNotFoundError) as e:

@@ -64,8 +64,9 @@ test set once.
 Paper-scale data: ``load_ssl_data("image_folder")`` reads ImageNet-style folders under ``DATA_ROOT`` and raises
 :class:`~contrastive_repro.data.DatasetNotFoundError` naming ``DATA_ROOT`` when they are absent.
 
-:func:`batch_to_reach` / :func:`batch_size_claim` turn accuracy-vs-batch curves into "the smallest batch at which a
-loss reaches the conventional loss's accuracy at the largest batch" (interpolated in log2 batch size).
+:func:`batch_to_reach` reads an accuracy-vs-batch curve as "the smallest batch at which a loss reaches a target"
+(interpolated in log2 batch size): a description of mean curves. Claims are decided by paired tests on the same seeds
+(:func:`contrastive_repro.stats.paired_verdict`), never by comparing mean curves.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ import torch.nn as nn
 __all__ = ["LOSSES", "VIEW_MODES", "LR_SCALINGS", "INFONCE_FORMS", "DATASETS", "FASHION_MNIST_MEAN",
            "FASHION_MNIST_STD", "IMAGENET_MEAN", "IMAGENET_STD", "PAPER_LAYOUT", "SSLConfig", "SSLData", "SSLModel",
            "load_ssl_data", "make_view_bank", "build_model", "build_loss", "scaled_lr", "num_steps", "embed",
-           "evaluate_features", "evaluate_model", "train_ssl", "batch_to_reach", "batch_size_claim"]
+           "evaluate_features", "evaluate_model", "train_ssl", "batch_to_reach"]
 
 LOSSES = ("infonce", "decomposable")
 VIEW_MODES = ("bank", "online")
@@ -637,48 +638,3 @@ def batch_to_reach(batch_sizes: Sequence[int], values: Sequence[float], target: 
     lb0, lb1 = math.log2(b[i - 1]), math.log2(b[i])
     frac = (target - v[i - 1]) / (v[i] - v[i - 1]) if v[i] != v[i - 1] else 1.0
     return {"grid": int(b[i]), "interpolated": float(2 ** (lb0 + frac * (lb1 - lb0))), "at_smallest": False}
-
-
-def batch_size_claim(batch_sizes: Sequence[int], conventional: Sequence[float], decomposable: Sequence[float],
-                     claimed_ratio: float = 0.5, slack: float = math.sqrt(2)) -> dict:
-    """Does the decomposable loss reach the conventional loss's accuracy at the largest batch with about
-    ``claimed_ratio`` of the batch?
-
-    ``target`` = conventional value at the largest batch. For each loss, :func:`batch_to_reach` the target; the
-    ratio is ``decomposable batch / conventional batch`` (interpolated). Verdict:
-
-    * ``"holds"``: ratio <= ``claimed_ratio * slack`` (default: within half an octave of one half);
-    * ``"does not hold"``: the decomposable loss never reaches the target on the grid, or the ratio is larger;
-    * ``"not resolved"``: the decomposable loss reaches the target already at the smallest batch and the bound
-      this gives on the ratio is not below the threshold (in particular when both losses reach it there): a
-      smaller batch would be needed to tell.
-    """
-    bs = [int(b) for b in batch_sizes]
-    target = float(np.asarray(conventional, dtype=float)[int(np.argmax(bs))])
-    rc, rd = batch_to_reach(bs, conventional, target), batch_to_reach(bs, decomposable, target)
-    out = {"target": target, "largest_batch": max(bs), "conventional": rc, "decomposable": rd, "ratio": None,
-           "claimed_ratio": claimed_ratio, "threshold": claimed_ratio * slack}
-    if rd["interpolated"] is None:
-        out["verdict"] = "does not hold"
-        out["reason"] = "the decomposable loss does not reach the target at any batch size of the grid"
-        return out
-    if rc["at_smallest"] and rd["at_smallest"]:   # both crossings only bounded above: no ratio
-        out["verdict"] = "not resolved"
-        out["reason"] = (f"both losses reach the target already at the smallest batch ({min(bs)}); the grid cannot "
-                         "resolve a batch ratio")
-        return out
-    ratio = rd["interpolated"] / rc["interpolated"]
-    out["ratio"] = float(ratio)
-    bound = " (upper bound: reached at the smallest batch)" if rd["at_smallest"] else ""
-    if ratio <= out["threshold"]:
-        out["verdict"] = "holds"
-        out["reason"] = f"batch ratio {ratio:.2f}{bound} <= {out['threshold']:.2f}"
-    elif rd["at_smallest"]:
-        # the decomposable crossing is only bounded above (<= smallest batch): the true ratio may be smaller
-        out["verdict"] = "not resolved"
-        out["reason"] = (f"batch ratio <= {ratio:.2f}: the decomposable loss reaches the target already at the "
-                         f"smallest batch ({min(bs)}), the grid cannot tell whether it would at half that")
-    else:
-        out["verdict"] = "does not hold"
-        out["reason"] = f"batch ratio {ratio:.2f}{bound} > {out['threshold']:.2f}"
-    return out
