@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 __all__ = ["DistInfo", "init_distributed", "get_dist_info", "is_distributed", "get_rank", "get_world_size",
            "is_main_process", "barrier", "cleanup", "all_gather_with_grad", "all_gather_no_grad", "all_reduce_mean",
-           "gather_features", "rank_labels"]
+           "gather_features", "rank_labels", "local_batch_size", "sync_each_epoch"]
 
 
 @dataclass(frozen=True)
@@ -273,3 +273,29 @@ def rank_labels(batch_size: int, rank: int | None = None, device: torch.device |
     """Targets for local-loss logits ``[B, W*B]``: row ``i`` of rank ``r`` matches column ``r*B + i``."""
     rank = get_rank() if rank is None else rank
     return torch.arange(batch_size, device=device) + batch_size * rank
+
+
+def local_batch_size(global_batch_size: int, world_size: int | None = None, name: str = "batch_size") -> int:
+    """This rank's share of a *global* batch: ``global_batch_size // world_size``; a ``ValueError`` naming ``name``
+    when it does not divide evenly (every rank must hold equally many samples for the gathers)."""
+    world_size = get_world_size() if world_size is None else int(world_size)
+    if int(global_batch_size) % world_size:
+        raise ValueError(f"{name}={global_batch_size} is the global batch and must be divisible by the world size "
+                         f"({world_size} processes)")
+    return int(global_batch_size) // world_size
+
+
+def sync_each_epoch(make_epoch, *state_objects):
+    """Wrap ``make_epoch(epoch, ...) -> iterable`` (for :class:`~contrastive_repro.training.EpochBatches`) so that
+    every state object's ``sync_state()`` (collective) runs when an epoch opens, before its first batch, on every
+    rank at once -- e.g. the per-rank replicas of
+    :class:`~contrastive_repro.losses.DecomposableContrastiveLoss`'s per-sample state, so that a rank meeting a
+    sample last updated elsewhere reads its latest state. Returns ``make_epoch`` itself in a single process."""
+    if get_world_size() == 1:
+        return make_epoch
+
+    def wrapped(*args, **kwargs):
+        for obj in state_objects:
+            obj.sync_state()
+        yield from make_epoch(*args, **kwargs)
+    return wrapped

@@ -336,18 +336,21 @@ def build_model(cfg: SSLConfig, data: SSLData) -> SSLModel:
     return SSLModel(enc, dim, cfg.proj_dim, cfg.proj_hidden, data.mean, data.std)
 
 
-def build_loss(cfg: SSLConfig, num_samples: int) -> nn.Module:
+def build_loss(cfg: SSLConfig, num_samples: int, gather: bool | None = None) -> nn.Module:
     """Symmetric InfoNCE (or NT-Xent) or a symmetric :class:`DecomposableContrastiveLoss` over ``num_samples``
-    data points (see the module docstring)."""
+    data points (see the module docstring). ``gather`` (default: when the process group has more than one rank):
+    each rank's anchors are contrasted with the candidates of every rank, gathered with gradient."""
+    from ..distributed import get_world_size
     from ..losses import DecomposableContrastiveLoss, InfoNCELoss, SymmetricContrastiveLoss
 
+    kw = {"gather": True} if (get_world_size() > 1 if gather is None else gather) else {}
     if cfg.loss == "infonce":
         if cfg.infonce_form == "ntxent":
-            return InfoNCELoss(temperature=cfg.temperature)
-        return SymmetricContrastiveLoss(temperature=cfg.temperature)
+            return InfoNCELoss(temperature=cfg.temperature, **kw)
+        return SymmetricContrastiveLoss(temperature=cfg.temperature, **kw)
     return DecomposableContrastiveLoss(num_samples, shape=cfg.dcl_shape, tau=cfg.temperature,
                                        z_estimate=cfg.dcl_z_estimate, e_step=cfg.dcl_e_step,
-                                       momentum=cfg.dcl_momentum, symmetric=True)
+                                       momentum=cfg.dcl_momentum, symmetric=True, **kw)
 
 
 def scaled_lr(cfg: SSLConfig) -> float:
@@ -367,20 +370,33 @@ def num_steps(cfg: SSLConfig, n_train: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ batches
+# Every maker yields this rank's contiguous slice of each *global* batch of ``cfg.batch_size`` samples (the same
+# permutation on every rank, :func:`~contrastive_repro.training.epoch_index_batches`); in one process the slice is
+# the whole batch.
+def _shard(cfg: SSLConfig) -> tuple[int, int, int]:
+    """``(rank, world_size, local batch)``; ``batch_size`` must be divisible by the world size."""
+    from ..distributed import get_rank, get_world_size, local_batch_size
+
+    world = get_world_size()
+    return get_rank(), world, local_batch_size(cfg.batch_size, world, "batch_size")
+
+
 def _bank_epoch(data: SSLData, cfg: SSLConfig):
     from ..training import epoch_index_batches
 
     bank = data.view_bank
     n, v = bank.shape[0], bank.shape[1]
+    rank, world, bl = _shard(cfg)
+    cols = slice(rank * bl, (rank + 1) * bl)
 
     def make_epoch(epoch: int, offset: int = 0):
-        batches = epoch_index_batches(n, cfg.batch_size, epoch=epoch, seed=cfg.seed)
+        batches = epoch_index_batches(n, bl, epoch=epoch, seed=cfg.seed, rank=rank, world_size=world)
         g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + int(epoch) + 99_991)
         a = torch.randint(0, v, (len(batches), cfg.batch_size), generator=g)          # view pair per position,
         b = (a + 1 + torch.randint(0, v - 1, a.shape, generator=g)) % v               # drawn for the whole epoch
-        for k in range(offset, len(batches)):
+        for k in range(offset, len(batches)):                                         # (and the global batch)
             idx = batches[k]
-            yield bank[idx, a[k]].float(), bank[idx, b[k]].float(), idx
+            yield bank[idx, a[k, cols]].float(), bank[idx, b[k, cols]].float(), idx
     return make_epoch
 
 
@@ -389,10 +405,12 @@ def _online_tensor_epoch(data: SSLData, cfg: SSLConfig):
     from ..training import epoch_index_batches
 
     two = TwoViewTransform(_train_transform(data, cfg.aug))
+    rank, world, bl = _shard(cfg)
 
     def make_epoch(epoch: int, offset: int = 0):
-        for idx in epoch_index_batches(len(data.train), cfg.batch_size, epoch=epoch, seed=cfg.seed)[offset:]:
-            v1, v2 = two(data.train[idx])     # global RNG: checkpointed, so a resumed run draws the same views
+        for idx in epoch_index_batches(len(data.train), bl, epoch=epoch, seed=cfg.seed, rank=rank,
+                                       world_size=world)[offset:]:
+            v1, v2 = two(data.train[idx])     # global RNG (per rank): checkpointed, so a resumed run draws the same
             yield v1, v2, idx
     return make_epoch
 
@@ -404,19 +422,21 @@ def _online_dataset_epoch(data: SSLData, cfg: SSLConfig):
     from ..training import epoch_index_batches
 
     ds = TwoViewDataset(data.train, _train_transform(data, cfg.aug))   # views in [0, 1]; the model normalizes
+    rank, world, bl = _shard(cfg)
 
     def make_epoch(epoch: int, offset: int = 0):
-        batches = [b.tolist() for b in epoch_index_batches(len(ds), cfg.batch_size, epoch=epoch, seed=cfg.seed)]
+        batches = [b.tolist() for b in epoch_index_batches(len(ds), bl, epoch=epoch, seed=cfg.seed, rank=rank,
+                                                           world_size=world)]
         loader = DataLoader(ds, batch_sampler=batches[offset:], num_workers=cfg.num_workers,
-                            worker_init_fn=_WorkerSeed(cfg.seed, epoch, offset), persistent_workers=False)
+                            worker_init_fn=_WorkerSeed(cfg.seed, epoch, offset, rank), persistent_workers=False)
         for v1, v2, idx in loader:
             yield v1, v2, idx
     return make_epoch
 
 
 class _WorkerSeed:
-    def __init__(self, seed: int, epoch: int, offset: int = 0):
-        self.base = int(seed) * 1_000_003 + int(epoch) * 1_009 + int(offset) * 7_919
+    def __init__(self, seed: int, epoch: int, offset: int = 0, rank: int = 0):
+        self.base = int(seed) * 1_000_003 + int(epoch) * 1_009 + int(offset) * 7_919 + int(rank) * 104_729
 
     def __call__(self, worker_id: int) -> None:
         torch.manual_seed(self.base + worker_id)
@@ -518,22 +538,12 @@ def _subsample_curve(history: list[dict], points: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------- recipe
-def train_ssl(data: SSLData, cfg: SSLConfig, ckpt_dir: str | Path | None = None) -> dict:
-    """Train ``cfg.loss`` on two views of ``data.train`` and evaluate k-NN / linear probe on ``data.test``.
-
-    ``ckpt_dir``: checkpoints go to ``ckpt_dir/<config fingerprint>`` (resumable; a changed config starts afresh);
-    ``cfg.ckpt_every`` sets their frequency (0: only the final one). Returns a JSON-friendly dict: ``knn``,
-    ``linear_probe``, ``probe_C``, ``probe_val_accuracy``, ``curve`` (subsampled per-step ``loss``,
-    ``conventional``, ``lr``), ``final_loss``, ``final_conventional``, ``steps``, ``epochs`` (data passes actually
-    made), ``lr`` (after batch scaling), ``n_train``, ``n_test``, ``train_seconds``, ``seconds``, ``config``.
-    """
+def _setup(data: SSLData, cfg: SSLConfig):
+    """``(model, loss_fn, make_epoch, step_fn)`` of one run, for this process's rank (see :func:`train_ssl`)."""
+    from ..distributed import all_gather_no_grad, get_dist_info, get_world_size
     from ..losses import conventional_contrastive_loss
-    from ..training import EpochBatches, TrainConfig, train
     from ..utils import get_device, seed_everything
 
-    t_start = time.perf_counter()
-    n_train = len(data.train)
-    steps = num_steps(cfg, n_train)
     if cfg.view_mode == "bank":
         if not data.is_tensor:
             raise ValueError("view_mode='bank' needs tensor data; use 'online' for file datasets")
@@ -545,13 +555,24 @@ def train_ssl(data: SSLData, cfg: SSLConfig, ckpt_dir: str | Path | None = None)
     else:
         make_epoch = _online_dataset_epoch(data, cfg)
 
+    world = get_world_size()
     seed_everything(cfg.seed)
     model = build_model(cfg, data)
-    loss_fn = build_loss(cfg, n_train)
-    device = get_device(cfg.device)
+    loss_fn = build_loss(cfg, len(data.train))
+    device = get_dist_info().device if world > 1 else get_device(cfg.device)
+    if world > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)   # statistics over the global batch
+        else:
+            import warnings
+
+            warnings.warn("BatchNorm statistics are per rank on CPU (SyncBatchNorm needs CUDA): the run is not the "
+                          "single-process one; norm='group' avoids batch statistics in the encoder", RuntimeWarning,
+                          stacklevel=3)
     loss_fn.to(device)
     tau = cfg.temperature
     decomposable = cfg.loss == "decomposable"
+    conv_gather = all_gather_no_grad if world > 1 else None
 
     def step_fn(m, batch):
         v1, v2, idx = batch
@@ -564,8 +585,32 @@ def train_ssl(data: SSLData, cfg: SSLConfig, ckpt_dir: str | Path | None = None)
         else:
             loss = loss_fn(z1, z2)
             with torch.no_grad():
-                conv = conventional_contrastive_loss(z1.detach(), z2.detach(), tau, symmetric=True)
+                conv = conventional_contrastive_loss(z1.detach(), z2.detach(), tau, symmetric=True,
+                                                     gather=conv_gather)
         return loss, {"conventional": conv}
+
+    return model, loss_fn, make_epoch, step_fn
+
+
+def train_ssl(data: SSLData, cfg: SSLConfig, ckpt_dir: str | Path | None = None) -> dict:
+    """Train ``cfg.loss`` on two views of ``data.train`` and evaluate k-NN / linear probe on ``data.test``.
+
+    ``ckpt_dir``: checkpoints go to ``ckpt_dir/<config fingerprint>`` (resumable; a changed config starts afresh);
+    ``cfg.ckpt_every`` sets their frequency (0: only the final one). Returns a JSON-friendly dict: ``knn``,
+    ``linear_probe``, ``probe_C``, ``probe_val_accuracy``, ``curve`` (subsampled per-step ``loss``,
+    ``conventional``, ``lr``), ``final_loss``, ``final_conventional``, ``steps``, ``epochs`` (data passes actually
+    made), ``lr`` (after batch scaling), ``n_train``, ``n_test``, ``train_seconds``, ``seconds``, ``config``.
+    """
+    from ..distributed import sync_each_epoch
+    from ..training import EpochBatches, TrainConfig, train
+
+    t_start = time.perf_counter()
+    n_train = len(data.train)
+    steps = num_steps(cfg, n_train)
+    model, loss_fn, make_epoch, step_fn = _setup(data, cfg)
+    decomposable = cfg.loss == "decomposable"
+    if decomposable:
+        make_epoch = sync_each_epoch(make_epoch, loss_fn)   # merge the per-rank state replicas at every epoch
 
     lr = scaled_lr(cfg)
     run_dir = None if ckpt_dir is None else str(Path(ckpt_dir) / cfg.fingerprint())
@@ -576,6 +621,8 @@ def train_ssl(data: SSLData, cfg: SSLConfig, ckpt_dir: str | Path | None = None)
                        progress=False)
     t0 = time.perf_counter()
     history = train(model, step_fn, EpochBatches(make_epoch, seekable=True), tcfg, state_objects={"loss": loss_fn})
+    if decomposable:
+        loss_fn.sync_state()        # every rank holds the final state (a no-op in one process)
     train_seconds = time.perf_counter() - t0
 
     ev = evaluate_model(model, data, cfg)
