@@ -30,6 +30,13 @@ occurring in the training captions and the evaluation texts (:class:`CompactToke
 largest so open_clip's argmax pooling still finds it) -- a speed-up only on CPU. Training images get a random
 resized crop (``crop_scale``; ``(1, 1)`` disables it).
 
+Several processes (``torchrun``, after :func:`contrastive_repro.distributed.init_distributed`): ``batch_size`` is the
+global batch (divisible by the world size, else a ``ValueError`` naming it); every rank trains on its contiguous slice
+of each global batch, with the crops the whole batch would get in one process, both losses contrast the rank's pairs
+with the features of all ranks gathered with gradient, DDP averages the gradients (the learned temperature's
+included), and the decomposable state replicas are merged when every epoch opens and at the end: a step is the
+single-process step (``tests/test_recipes_clip_distributed.py``, 2 gloo ranks, 1e-6).
+
 Evaluation, on held-out data only (the emoji split is *by item*: every sub-group has emoji on both sides):
 
 * zero-shot top-1 / top-5 by text prompts (``templates``, prompt ensembling) over the classes of every
@@ -45,6 +52,7 @@ Paper-scale data: :func:`load_paper_data` (a CC3M-style TSV and CIFAR-10/100 und
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -139,6 +147,15 @@ class CLIPDCLConfig:
 
 
 # ------------------------------------------------------------------------------------------------------- tokenizer
+@functools.lru_cache(maxsize=4)
+def _simple_tokenizer(context_length: int):
+    """open_clip's ``SimpleTokenizer`` (reading its BPE merges takes seconds on a small CPU: built once per
+    context length; it is deterministic, so sharing it between runs changes nothing)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=context_length)
+
+
 class CompactTokenizer:
     """open_clip's BPE tokenizer, optionally remapped to a compact vocabulary.
 
@@ -149,10 +166,8 @@ class CompactTokenizer:
     """
 
     def __init__(self, context_length: int, texts: Sequence[str] | None = None):
-        from open_clip.tokenizer import SimpleTokenizer
-
         self.context_length = int(context_length)
-        self.base = SimpleTokenizer(context_length=self.context_length)
+        self.base = _simple_tokenizer(self.context_length)
         self.lookup = None
         self.vocab_size = int(self.base.vocab_size)
         if texts is not None:
@@ -355,16 +370,24 @@ def load_clip_data(source: str = "emoji", **kwargs) -> CLIPData:
 # ------------------------------------------------------------------------------------------------------ images
 def random_resized_crop(x: torch.Tensor, generator: torch.Generator | None = None,
                         scale: tuple[float, float] = (0.7, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), *, total: int | None = None,
+                        start: int = 0) -> torch.Tensor:
     """Batched random resized crop (independent per image) by one ``affine_grid`` + ``grid_sample`` call.
 
     ``x``: float ``[B, C, H, W]``. Each crop covers an area fraction ``U(scale)`` with a log-uniform aspect ratio in
-    ``ratio`` (clipped to the image) at a uniform position, resampled bilinearly to ``H x W``.
+    ``ratio`` (clipped to the image) at a uniform position, resampled bilinearly to ``H x W``. ``total`` / ``start``:
+    ``x`` is rows ``start:start + B`` of a batch of ``total`` images (a rank's shard): the crops of all ``total``
+    are drawn and those rows used, so the shards get the crops the whole batch would get in one process.
     """
     b = x.shape[0]
     if scale[0] >= 1.0 and scale[1] >= 1.0:
         return x
-    u = torch.rand(b, 4, generator=generator)
+    if total is None:
+        u = torch.rand(b, 4, generator=generator)
+    else:
+        if not 0 <= start <= total - b:
+            raise ValueError(f"rows {start}:{start + b} are not inside a batch of total={total}")
+        u = torch.rand(total, 4, generator=generator)[start:start + b]
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     r = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])
     w = torch.sqrt(area * r).clamp(max=1.0)
@@ -426,13 +449,15 @@ def _subsample_curve(history: list[dict], points: int) -> list[dict]:
     return [{k: (int(r[k]) if k == "step" else float(r[k])) for k in keys if k in r} for r in rows]
 
 
-def train_clip_dcl(data: CLIPData, cfg: CLIPDCLConfig, ckpt_dir: str | Path | None = None):
-    """Train the two-tower model on ``data.train`` with ``cfg.loss``. Returns ``(model, tokenizer, history)``
-    (model in eval mode). ``ckpt_dir``: resumable checkpoints under ``ckpt_dir/<config fingerprint>``, the loss's
-    per-sample state included."""
+def _setup(data: CLIPData, cfg: CLIPDCLConfig):
+    """``(model, tokenizer, loss_fn, make_epoch, step_fn, steps)`` of one run, for this process's rank: each rank
+    takes its contiguous slice of every global batch of ``cfg.batch_size`` pairs and, with more than one rank,
+    contrasts it against the gathered (with gradient) features of the whole global batch (see
+    :func:`train_clip_dcl`)."""
+    from ..distributed import all_gather_no_grad, get_dist_info, get_rank, get_world_size, local_batch_size
     from ..losses import DecomposableContrastiveLoss, SymmetricContrastiveLoss, conventional_contrastive_loss
     from ..models.clip import clip_config
-    from ..training import EpochBatches, TrainConfig, epoch_index_batches, train
+    from ..training import epoch_index_batches
     from ..utils import get_device, seed_everything
 
     pairs = data.train
@@ -440,6 +465,9 @@ def train_clip_dcl(data: CLIPData, cfg: CLIPDCLConfig, ckpt_dir: str | Path | No
     per_epoch = n // cfg.batch_size
     if per_epoch < 1:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({n})")
+    rank, world = get_rank(), get_world_size()
+    bl = local_batch_size(cfg.batch_size, world, "batch_size")
+    kw = {"gather": True} if world > 1 else {}
     steps = int(cfg.steps) if cfg.steps > 0 else max(1, int(round(cfg.epochs * per_epoch)))
     ctx = int(_merge(clip_config(cfg.preset), cfg.model_overrides)["text_cfg"].get("context_length", 77))
     tokenizer = CompactTokenizer(ctx, data.texts() if cfg.compact_vocab else None)
@@ -447,27 +475,32 @@ def train_clip_dcl(data: CLIPData, cfg: CLIPDCLConfig, ckpt_dir: str | Path | No
     model = build_model(cfg, tokenizer.vocab_size if cfg.compact_vocab else None)
     size = _image_size(model)
     tokens_all = tokenizer(pairs.captions)
-    device = get_device(cfg.device)
+    device = get_dist_info().device if world > 1 else get_device(cfg.device)
     decomposable = cfg.loss == "decomposable"
     if decomposable:
         loss_fn = DecomposableContrastiveLoss(n, shape=cfg.dcl_shape, tau=cfg.temperature,
                                               z_estimate=cfg.dcl_z_estimate, e_step=cfg.dcl_e_step,
-                                              momentum=cfg.dcl_momentum, symmetric=True)
+                                              momentum=cfg.dcl_momentum, symmetric=True, **kw)
     else:
-        loss_fn = SymmetricContrastiveLoss()
+        loss_fn = SymmetricContrastiveLoss(**kw)
     loss_fn.to(device)
+    conv_gather = all_gather_no_grad if world > 1 else None
+    crop_rows = {} if world == 1 else {"total": cfg.batch_size, "start": rank * bl}
 
     def make_epoch(epoch: int):
         g = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + int(epoch) + 31_337)
-        for idx in epoch_index_batches(n, cfg.batch_size, epoch=epoch, seed=cfg.seed):
+        for idx in epoch_index_batches(n, bl, epoch=epoch, seed=cfg.seed, rank=rank, world_size=world):
             x = to_model_input(_get_images(pairs, idx), size)
-            yield random_resized_crop(x, g, cfg.crop_scale), tokens_all[idx], idx
+            yield random_resized_crop(x, g, cfg.crop_scale, **crop_rows), tokens_all[idx], idx
 
     def step_fn(m, batch):
         x, tok, idx = batch
-        zi = m.encode_image(x, normalize=True)
-        zt = m.encode_text(tok, normalize=True)
-        scale = m.logit_scale.exp().clamp(max=cfg.max_logit_scale)
+        out = m(x, tok)      # through forward (DistributedDataParallel's hooks): normalized features, exp(scale)
+        if isinstance(out, dict):
+            zi, zt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+        else:
+            zi, zt, scale = out[0], out[1], out[2]
+        scale = scale.clamp(max=cfg.max_logit_scale)
         if decomposable:
             loss_fn.tau = 1.0 / scale
             loss = loss_fn(zi, zt, idx)
@@ -475,15 +508,32 @@ def train_clip_dcl(data: CLIPData, cfg: CLIPDCLConfig, ckpt_dir: str | Path | No
         else:
             loss = loss_fn(zi, zt, scale)
             with torch.no_grad():
-                conv = conventional_contrastive_loss(zi.detach(), zt.detach(), 1.0 / scale.detach(), symmetric=True)
+                conv = conventional_contrastive_loss(zi.detach(), zt.detach(), 1.0 / scale.detach(), symmetric=True,
+                                                     gather=conv_gather)
         return loss, {"conventional": conv, "logit_scale": scale.detach()}
 
+    return model, tokenizer, loss_fn, make_epoch, step_fn, steps
+
+
+def train_clip_dcl(data: CLIPData, cfg: CLIPDCLConfig, ckpt_dir: str | Path | None = None):
+    """Train the two-tower model on ``data.train`` with ``cfg.loss``. Returns ``(model, tokenizer, history)``
+    (model in eval mode). ``ckpt_dir``: resumable checkpoints under ``ckpt_dir/<config fingerprint>``, the loss's
+    per-sample state included."""
+    from ..distributed import sync_each_epoch
+    from ..training import EpochBatches, TrainConfig, train
+
+    model, tokenizer, loss_fn, make_epoch, step_fn, steps = _setup(data, cfg)
+    decomposable = cfg.loss == "decomposable"
+    if decomposable:
+        make_epoch = sync_each_epoch(make_epoch, loss_fn)   # merge the per-rank state replicas at every epoch
     run_dir = None if ckpt_dir is None else str(Path(ckpt_dir) / cfg.fingerprint())
     tcfg = TrainConfig(max_steps=steps, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98),
                        warmup_steps=min(max(1, int(round(cfg.warmup_frac * steps))), max(steps - 1, 0)),
                        lr_schedule="cosine", grad_clip=cfg.grad_clip, amp=cfg.amp, log_every=0, ckpt_dir=run_dir,
                        ckpt_every=cfg.ckpt_every, seed=cfg.seed, device=cfg.device, progress=False)
     history = train(model, step_fn, EpochBatches(make_epoch), tcfg, state_objects={"loss": loss_fn})
+    if decomposable:
+        loss_fn.sync_state()        # every rank holds the final state (a no-op in one process)
     model.eval()
     return model, tokenizer, history
 

@@ -61,6 +61,19 @@ the test set with the training features as the memory (:func:`~contrastive_repro
 (:func:`~contrastive_repro.metrics.linear_probe_accuracy`), then refit on all training features and scored on the
 test set once.
 
+Several processes (``torchrun``)
+-------------------------------
+Call :func:`contrastive_repro.distributed.init_distributed` first, then :func:`train_ssl` on every rank.
+``batch_size`` is the *global* batch (a ``ValueError`` names it when the world size does not divide it): every rank
+takes its contiguous slice of each global batch (the same permutation, and in bank mode the same view pairs, as one
+process), the loss contrasts the rank's anchors with the candidates of all ranks gathered with gradient
+(``gather=True``), the trainer's DDP averages the gradients -- so a step is the single-process step on the global
+batch (``tests/test_recipes_ssl_distributed.py``: loss, gradients and decomposable state to 1e-6 with 2 gloo ranks).
+The decomposable loss's per-sample state replicas are merged (``sync_state``) when every epoch opens, before
+checkpoints and at the end. Exceptions: BatchNorm (the encoder's ``norm="batch"``, the head's) is converted to
+``SyncBatchNorm`` on CUDA and normalizes per rank on CPU (a warning says so); ``view_mode="online"`` draws each
+rank's views from that rank's RNG. Every rank evaluates the same model; write results on rank 0.
+
 Paper-scale data: ``load_ssl_data("image_folder")`` reads ImageNet-style folders under ``DATA_ROOT`` and raises
 :class:`~contrastive_repro.data.DatasetNotFoundError` naming ``DATA_ROOT`` when they are absent.
 
