@@ -89,11 +89,13 @@ def end_to_end_unit(train_pairs, suite, cfg_kw: Mapping, methods: Sequence[str],
     ``probe`` = the first probe task); ``task_alias`` renames zero-shot tasks (``{"cifar100": "subgroup"}``)."""
     from . import clip_pretrain as cp
 
-    out = {"chosen": {m: weights.get(m) for m in methods if m != "clip"}, "majority": {}}
+    out = {"chosen": {m: weights.get(m) for m in methods if m != "clip"}, "majority": {}, "first_step": {}}
     for m in methods:
         cfg = cp.CLIPPretrainConfig(**dict(cfg_kw, seed=seed, regularizers={} if m == "clip" else {m: weights[m]}))
         trained = cp.train_clip(train_pairs, cfg, vocab_texts=vocab_texts)
         res = cp.evaluate_suite(trained.model, trained.tokenizer, suite, seed=seed)
+        first = trained.history[0] if trained.history else {}
+        out["first_step"][m] = {k: float(v) for k, v in first.items() if isinstance(v, (int, float))}
         for t in suite.zero_shot:
             res[f"zs/{t}/balanced"] = res[f"zs/{t}/top1"]
         first = next(iter(suite.probes))
