@@ -1,0 +1,164 @@
+"""The CVPR 2023 CLIP study (notebook 04) around :mod:`.frozen_clip`: emoji zero-shot prompts, the claims of
+Table 1 / Table 3 as paired verdicts with gates, and the end-to-end open_clip path of the ``paper`` profile."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..stats import chance_rate, gate, paired_verdict
+
+__all__ = ["emoji_prompts", "CLAIM_METRICS", "paired_claims", "end_to_end_unit"]
+
+#: (result key, label, paper table key template, paper column) of the claims of notebook 04.
+CLAIM_METRICS = (
+    ("zs/subgroup/balanced", "zero-shot sub-group (99) balanced acc.", "lms.table1.{m}.cifar100", "CIFAR-100"),
+    ("zs/group/balanced", "zero-shot group (9) balanced acc.", "lms.table1.{m}.cifar10", "CIFAR-10"),
+    ("probe", "linear probe sub-group acc.", "lms.table3.{m}.linear_probe_mean14", "14-dataset linear probe"),
+)
+
+
+def emoji_prompts(groups: Sequence[str], subgroups: Sequence[str], group_of_item: Sequence[str],
+                  subgroup_of_item: Sequence[str], templates: Sequence[str]) -> dict:
+    """Zero-shot prompt texts per task: ``{"subgroup": (texts, class_of_text), "group": (...)}``. A sub-group's
+    prompts fill its name ("face-smiling" -> "face smiling") into every template; a group's prompt ensemble uses the
+    group name and the names of its sub-groups (the captions never contain group names)."""
+    name = lambda s: s.replace("-", " ").replace("&", "and").lower()  # noqa: E731
+    sub = [(t.format(name(s)), i) for i, s in enumerate(subgroups) for t in templates]
+    members = {g: sorted({name(s) for gg, s in zip(group_of_item, subgroup_of_item) if gg == g}) for g in groups}
+    grp = [(t.format(n), i) for i, g in enumerate(groups) for n in [name(g)] + members[g] for t in templates]
+    return {"subgroup": ([p for p, _ in sub], [c for _, c in sub]), "group": ([p for p, _ in grp], [c for _, c in grp])}
+
+
+def _vals(units: Sequence[Mapping], method: str, key: str) -> np.ndarray:
+    return np.array([100.0 * float(u[method][key]) for u in units])
+
+
+def _baselines(units: Sequence[Mapping], key: str, n_classes: Mapping[str, int]) -> dict:
+    """The trivial baselines of a metric (in %): chance, the majority class (top-1 only; balanced accuracy of a
+    constant answer is chance), and the gate models of the units that have the metric."""
+    task = key.split("/")[1] if key.startswith("zs/") else "subgroup"
+    out = {"chance": 100 * chance_rate(n_classes[task])}
+    if not key.endswith("balanced"):
+        out["majority"] = 100 * float(np.mean([u["majority"][task] for u in units]))
+    for g in ("gate/random_projection", "gate/random_init"):
+        if all(g in u and key in u[g] for u in units):
+            out[g.split("/")[1]] = float(np.mean(_vals(units, g, key)))
+    return out
+
+
+def paired_claims(units: Sequence[Mapping], methods: Sequence[str], n_classes: Mapping[str, int], *, alpha: float,
+                  gate_margin: float, test: str, paper_value) -> tuple[list[dict], list[dict]]:
+    """Claim rows (``reproduce.claims.claim_row``) and a flat verdict table for notebook 04: every regularizer vs
+    CLIP on each metric of :data:`CLAIM_METRICS` in the direction of the paper's own numbers, and GC vs CyCLIP.
+
+    ``units``: the per-unit results of :func:`.frozen_clip.run_unit`; effects are in accuracy points (b - a). Each
+    arm must beat its trivial baselines (:func:`_baselines`) by ``gate_margin`` points, else ``uninformative``.
+    ``paper_value(key)`` reads ``configs/paper_numbers.yaml``.
+    """
+    from reproduce.claims import claim_row
+
+    pairs = [(m, "clip") for m in methods if m != "clip"]
+    if "gc" in methods and "cyclip" in methods:
+        pairs.append(("gc", "cyclip"))
+    rows, table = [], []
+    for key, label, pkey, column in CLAIM_METRICS:
+        base = _baselines(units, key, n_classes)
+        gates = {m: gate(float(np.mean(_vals(units, m, key))), base, gate_margin) for m in methods}
+        for b, a in pairs:
+            pa, pb = paper_value(pkey.format(m=a)), paper_value(pkey.format(m=b))
+            direction = 1 if pb >= pa else -1
+            v = paired_verdict(_vals(units, a, key), _vals(units, b, key), direction=direction, alpha=alpha)
+            word = "raises" if direction > 0 else "lowers"
+            row = claim_row(f"lms.clip.{b}_vs_{a}.{key.replace('/', '_')}", "lms",
+                            f"{b} {word} {column} accuracy vs {a} (paper {pb:.2f} vs {pa:.2f})", test,
+                            f"{label}, points ({b} - {a})", v, gates=[gates[a], gates[b]],
+                            paper_key=pkey.format(m=b), comparable=False)
+            rows.append(row)
+            table.append({"comparison": f"{b} vs {a}", "metric": label, "paper direction": word,
+                          "effect": v.effect, "ci_low": v.ci_low, "ci_high": v.ci_high, "n": v.n, "mde": v.mde,
+                          "verdict": row["verdict"], "gate": all(g.passed for g in (gates[a], gates[b]))})
+    return rows, table
+
+
+def end_to_end_unit(train_pairs, suite, cfg_kw: Mapping, methods: Sequence[str], weights: Mapping[str, float],
+                    seed: int, vocab_texts: Sequence[str] = (), task_alias: Mapping[str, str] | None = None) -> dict:
+    """The ``paper`` profile: each method trained end to end with open_clip (``clip_pretrain.train_clip``,
+    regularizer weights fixed in ``weights``) and scored by ``clip_pretrain.evaluate_suite``; the keys are mapped
+    to those of :func:`.frozen_clip.run_unit` (``zs/<task>/balanced`` = top-1: the CIFAR test sets are balanced;
+    ``probe`` = the first probe task); ``task_alias`` renames zero-shot tasks (``{"cifar100": "subgroup"}``)."""
+    from . import clip_pretrain as cp
+
+    out = {"chosen": {m: weights.get(m) for m in methods if m != "clip"}, "majority": {}, "first_step": {}}
+    for m in methods:
+        cfg = cp.CLIPPretrainConfig(**dict(cfg_kw, seed=seed, regularizers={} if m == "clip" else {m: weights[m]}))
+        trained = cp.train_clip(train_pairs, cfg, vocab_texts=vocab_texts)
+        res = cp.evaluate_suite(trained.model, trained.tokenizer, suite, seed=seed)
+        first = trained.history[0] if trained.history else {}
+        out["first_step"][m] = {k: float(v) for k, v in first.items() if isinstance(v, (int, float))}
+        for t in suite.zero_shot:
+            res[f"zs/{t}/balanced"] = res[f"zs/{t}/top1"]
+        first = next(iter(suite.probes))
+        res["probe"] = res[f"probe/{first}"]
+        for t, alias in (task_alias or {}).items():
+            res.update({k.replace(f"zs/{t}/", f"zs/{alias}/"): v for k, v in list(res.items())
+                        if k.startswith(f"zs/{t}/")})
+        out[m] = res
+    for t, task in suite.zero_shot.items():
+        labels = np.asarray(task.labels)
+        out["majority"][(task_alias or {}).get(t, t)] = float(np.mean(labels == np.bincount(labels).argmax()))
+    return out
+
+
+def run_end_to_end(run, p: Mapping) -> list[dict]:
+    """All units of the ``paper`` profile (``mode="end_to_end"``): data (``p["dataset"]``: the CC3M / CIFAR layout
+    of ``clip_pretrain.load_paper_data`` under ``p["data_root"]``, or the emoji pixels split by item), then one
+    cached :func:`end_to_end_unit` per seed. ``p`` holds notebook 04's parameters."""
+    from ..data import load_emoji
+    from . import clip_pretrain as cp
+
+    templates = list(p["templates"])
+    if p["dataset"] == "cc3m":
+        data = cp.load_paper_data(p["data_root"] or None, image_size=p["image_size"])
+        train_pairs, vocab, alias = data["train"], [], {"cifar100": "subgroup", "cifar10": "group"}
+        zero_shot = {k: cp.ZeroShotTask(v["test_images"], v["test_labels"], v["classnames"], templates)
+                     for k, v in data["zeroshot"].items()}
+        probes = {k: cp.ProbeTask(v["train_images"], v["train_labels"], v["test_images"], v["test_labels"])
+                  for k, v in data["zeroshot"].items() if k == "cifar100"}
+        val = data["val"]
+        retrieval = (val, val.captions) if val is not None else None
+    else:
+        ds = load_emoji(p["image_size"])
+        tr, te = ds.split(by="item", test_fraction=p["test_fraction"], seed=0)
+        train_pairs, alias = cp.PairData(tr.images, tr.captions), {}
+        pr = emoji_prompts(ds.groups, ds.subgroups, ds.group_names, ds.subgroup_names, ["{}"])
+        names = {t: [[n for n, c in zip(*pr[t]) if c == i] for i in range(max(pr[t][1]) + 1)] for t in pr}
+        zero_shot = {"subgroup": cp.ZeroShotTask(te.images, te.subgroup_labels, names["subgroup"], templates),
+                     "group": cp.ZeroShotTask(te.images, te.group_labels, names["group"], templates)}
+        probes = {"subgroup": cp.ProbeTask(tr.images, tr.subgroup_labels, te.images, te.subgroup_labels)}
+        retrieval = (te.images, te.captions)
+        vocab = [t.format(n) for task in zero_shot.values() for ns in task.classnames for n in ns for t in templates]
+        vocab += list(te.captions)
+    steps = p["steps"] if p["epochs"] <= 0 else max(1, p["epochs"] * len(train_pairs) // p["batch_size"])
+    suite = cp.EvalSuite(zero_shot=zero_shot, probes=probes, retrieval=retrieval, few_shot=tuple(p["few_shot"]),
+                         few_shot_draws=p["few_shot_draws"], probe_Cs=tuple(p["probe_Cs"]),
+                         probe_max_iter=p["probe_max_iter"])
+    overrides = {} if p["preset"] == "paper-rn50" else {"text_cfg": {"context_length": p["context_length"]},
+                                                        "vision_cfg": {"image_size": p["image_size"]}}
+    cfg_kw = dict(preset=p["preset"], model_overrides=overrides, compact_vocab=p["dataset"] != "cc3m", steps=steps,
+                  batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
+                  warmup_steps=p["warmup_steps"], base=p["base"],
+                  loss_options={"bridge_t": p["bridge_t"], "uniformity_t": p["uniformity_t"]},
+                  image_aug=p["image_aug"], text_aug="eda", device=p["device"], ckpt_every=p["ckpt_every"],
+                  ckpt_dir=str(run.checkpoint_dir) if p["ckpt_every"] else None)
+    units = []
+    for s in p["seeds"]:
+        units.append(run.cached(f"e2e_seed{s}", lambda s=s: _json(end_to_end_unit(
+            train_pairs, suite, cfg_kw, p["methods"], p["e2e_weights"], s, vocab, alias))))
+    return units
+
+
+def _json(x):
+    from .albef_world import json_safe
+
+    return json_safe(x)
