@@ -68,10 +68,12 @@ record: setup
 test: setup unit nbval
 
 unit: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --junitxml=build/test-reports/unit.xml
 
 nbval: setup
-	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --nbval-cell-timeout=300 notebooks/
+	$(PY) -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env --nbval-cell-timeout=300 notebooks/ \
+	  --junitxml=build/test-reports/nbval.xml
+	-@$(PY) -m reproduce.test_timings
 
 table: setup
 	$(PY) -m reproduce.table --write-readme

@@ -395,3 +395,20 @@ def test_claim_rows_ledger_and_gates(tmp_path, monkeypatch):
     assert [r["id"] for r in rows] == ["tcm.x", "tcm.y"] and rows[0]["notebook"] == "07_a"
     md = cl.markdown(rows)
     assert "1 reproduced, 1 uninformative" in md and "**uninformative**" in md
+
+
+def test_test_timings_reads_junit_reports(tmp_path):
+    from reproduce import test_timings as tt
+
+    xml = ('<?xml version="1.0"?><testsuites><testsuite name="pytest" time="42.5">'
+           '<testcase classname="notebooks.01_a.ipynb" name="Cell 0" time="1.5"/>'
+           '<testcase classname="notebooks.01_a.ipynb" name="Cell 1" time="2.0"/>'
+           '<testcase classname="notebooks.02_b.ipynb" name="Cell 0" time="61.0"/>'
+           '<testcase classname="tests.test_x" name="test_y" time="9.0"/></testsuite></testsuites>')
+    (tmp_path / "unit.xml").write_text(xml)
+    (tmp_path / "nbval.xml").write_text(xml)
+    assert tt.suite_seconds(tmp_path / "unit.xml") == 42.5
+    assert tt.notebook_seconds(tmp_path / "nbval.xml") == {"01_a": 3.5, "02_b": 61.0}
+    tt.main(["--reports", str(tmp_path), "--write", str(tmp_path / "t.json"), "--total-s", "600"])
+    out = json.loads((tmp_path / "t.json").read_text())
+    assert out["over_budget"] == ["02_b"] and out["make_test_total_s"] == 600
