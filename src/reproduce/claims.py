@@ -18,10 +18,11 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from contrastive_repro.io import atomic_write_json, atomic_write_text
+from contrastive_repro.io import atomic_write_json
 from contrastive_repro.stats import VERDICTS, GateResult, PairedVerdict
 
 from .papers import paper_value
+from .table import replace_section
 from .paths import repo_root
 
 START, END = "<!-- claims:start -->", "<!-- claims:end -->"
@@ -121,12 +122,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def write_readme(readme: Path, text: str) -> None:
-    content = readme.read_text()
-    if START not in content or END not in content:
-        raise ValueError(f"{readme} lacks the markers {START} ... {END}")
-    pre, rest = content.split(START, 1)
-    _, post = rest.split(END, 1)
-    atomic_write_text(readme, pre + START + "\n" + text + END + post)
+    replace_section(readme, START, END, text)
 
 
 def main(argv=None) -> int:

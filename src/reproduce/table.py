@@ -67,13 +67,18 @@ def markdown(rows: list[dict]) -> str:
     return head + body
 
 
-def write_readme(readme: Path, table: str) -> None:
+def replace_section(readme: Path, start: str, end: str, body: str) -> None:
+    """Replace what stands between the markers ``start`` and ``end`` in ``readme`` with ``body`` (atomically)."""
     text = readme.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{readme} lacks the markers {START} ... {END}")
-    pre, rest = text.split(START, 1)
-    _, post = rest.split(END, 1)
-    atomic_write_text(readme, pre + START + "\n" + table + END + post)
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} lacks the markers {start} ... {end}")
+    pre, rest = text.split(start, 1)
+    _, post = rest.split(end, 1)
+    atomic_write_text(readme, pre + start + "\n" + body + end + post)
+
+
+def write_readme(readme: Path, table: str) -> None:
+    replace_section(readme, START, END, table)
 
 
 def main(argv=None) -> int:
