@@ -224,6 +224,8 @@ def test_record_refuses_a_dirty_tree_and_marks_it_when_allowed(repo):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert rec["provenance"]["dirty"] is False and rec["provenance"]["commit"] == head
     assert "00_toy: match" in r.stdout  # compared with the reference recorded before, same seeds
+    prev = repo / "build" / "record" / "smoke" / "previous" / "00_toy" / "smoke" / "metrics.json"
+    assert json.loads(prev.read_text())["provenance"]["dirty"] is True  # the snapshot taken before replacing it
     assert not (repo / "results" / "00_toy" / "smoke" / "checkpoints").exists()
 
 

@@ -154,6 +154,10 @@ def main(argv=None) -> int:
           + (f", recording into {root / 'results'}" + (" (DIRTY tree)" if dirty else "") if args.record else ""),
           flush=True)
 
+    # the reference: the committed results/; when recording, a snapshot of a notebook's results taken before it is
+    # (re)computed and replaced, so the comparison is with what was there before
+    reference = out_base / "previous" if args.record else root / "results"
+
     t_all = time.time()
     failures, timings = [], {}
     for i, (nb_path, params) in enumerate(plan, 1):
@@ -170,6 +174,8 @@ def main(argv=None) -> int:
                   "(FORCE=1 to recompute)", flush=True)
         else:
             print(f"{tag}: running ...", flush=True)
+            if args.record:
+                snapshot_reference(root / "results", reference, nb_path.stem, args.profile)
             t0 = time.time()
             try:
                 execute_and_store(nb_path, args.profile, params, cell_timeout,
@@ -191,7 +197,7 @@ def main(argv=None) -> int:
         if args.record:
             record_into(out_dir, results_dir(nb_path.stem, args.profile, base=root / "results"))
 
-    report = build_report(args.profile, [p.stem for p, _ in plan], run_results, root / "results", timings,
+    report = build_report(args.profile, [p.stem for p, _ in plan], run_results, reference, timings,
                           time.time() - t_all, rtol=args.rtol, atol=args.atol)
     report.update(machine=machine, commit=git_commit(root), recorded=bool(args.record), failures=failures)
     print(format_report(report), flush=True)
@@ -205,6 +211,17 @@ def main(argv=None) -> int:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
         return 1
     return 0
+
+
+def snapshot_reference(results: Path, snapshot: Path, notebook: str, profile: str) -> None:
+    """Copy ``results/<notebook>/<profile>/metrics.json`` (the reference about to be replaced) to the same place
+    under ``snapshot``; with no reference, remove a stale snapshot."""
+    src = results / notebook / profile / "metrics.json"
+    dest = snapshot / notebook / profile / "metrics.json"
+    dest.unlink(missing_ok=True)
+    if src.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
 
 
 def _remove_temp_files(out_dir: Path) -> None:
