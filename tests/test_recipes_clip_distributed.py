@@ -81,6 +81,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         res["train"] = parts
         if rank == 0:
             torch.save(res, Path(out_dir) / "res.pt")
+        dist.barrier()  # both ranks tear gloo down together (a rank exiting mid-teardown can abort its peer)
     finally:
         dist.destroy_process_group()
 
