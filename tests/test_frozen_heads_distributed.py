@@ -3,24 +3,17 @@ of the concatenated batch, and so do the head's gradients, for every arm (1e-6).
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
-import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from spawn_ranks import run_ranks  # noqa: E402 (tests/ is on sys.path)
 
 from contrastive_repro.recipes import frozen_heads as fh
 
 WORLD, B, D, P = 2, 5, 7, 4
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -81,14 +74,7 @@ def test_single_process_form_matches_pair_losses():
 
 
 def test_two_gloo_ranks_equal_single_process(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers did not finish")
+    run_ranks(_worker, tmp_path, WORLD)
     res = torch.load(tmp_path / "res.pt")
     for arm in fh.SSL_ARMS:
         loss, grad = _single(arm)

@@ -5,24 +5,18 @@ averaging, the learned temperature included) and decomposable state on the same 
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+
+from spawn_ranks import run_ranks  # noqa: E402 (tests/ is on sys.path)
 
 from contrastive_repro.recipes import clip_dcl as cd
 
 WORLD, N, B = 2, 16, 8
 WORDS = ("red", "green", "blue", "cat", "dog", "sun", "moon", "tree")
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data() -> cd.CLIPData:
@@ -87,14 +81,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_equal_single_process(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers did not finish")
+    run_ranks(_worker, tmp_path, WORLD)
     res = torch.load(tmp_path / "res.pt")
     torch.set_num_threads(1)
     for loss_name in cd.LOSSES:

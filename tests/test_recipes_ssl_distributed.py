@@ -5,15 +5,13 @@ crossing an epoch ends with the same merged state on both ranks."""
 from __future__ import annotations
 
 import os
-import socket
-import time
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
+
+from spawn_ranks import run_ranks  # noqa: E402 (tests/ is on sys.path)
 
 from contrastive_repro.recipes import ssl
 
@@ -21,11 +19,6 @@ WORLD, N, B = 2, 32, 8
 CASES = {"infonce": {"loss": "infonce"}, "ntxent": {"loss": "infonce", "infonce_form": "ntxent"},
          "decomposable": {"loss": "decomposable", "dcl_momentum": 0.5}}
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data() -> ssl.SSLData:
@@ -109,14 +102,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_equal_single_process(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers did not finish")
+    run_ranks(_worker, tmp_path, WORLD)
     res = torch.load(tmp_path / "res.pt")
     torch.set_num_threads(1)
     for case in CASES:
