@@ -168,6 +168,13 @@ def _render(x: torch.Tensor, views: torch.Tensor | None, idx: torch.Tensor, whic
     return allr[torch.arange(len(idx)), which]
 
 
+def _stack_renders(x: torch.Tensor, views: torch.Tensor | None) -> torch.Tensor:
+    """All renders of every item, flattened: row ``i * (1 + K) + r`` is render ``r`` of item ``i`` (0 = clean)."""
+    if views is None:
+        return x
+    return torch.cat([x[:, None], views], dim=1).reshape(-1, x.shape[1])
+
+
 def train_towers(data: FeaturePairs, cfg: TowerConfig) -> tuple[FrozenTowers, list[dict]]:
     """Train :class:`FrozenTowers` on ``data`` with ``cfg``; returns the model (eval mode) and the logged history
     (``step`` and the unweighted parts of the objective, every ``log_every`` steps and at the first step)."""
@@ -178,7 +185,7 @@ def train_towers(data: FeaturePairs, cfg: TowerConfig) -> tuple[FrozenTowers, li
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, foreach=True)
 
     def lr_at(s):
         if s < cfg.warmup_steps:
@@ -194,6 +201,7 @@ def train_towers(data: FeaturePairs, cfg: TowerConfig) -> tuple[FrozenTowers, li
     sep = "separation" in cfg.regularizers
     nv = 1 + (0 if data.v_views is None else data.v_views.shape[1])
     nt = 1 + (0 if data.t_views is None else data.t_views.shape[1])
+    rv, rt = _stack_renders(data.x_v, data.v_views), _stack_renders(data.x_t, data.t_views)
     perm, pos = torch.randperm(n, generator=gen), 0
     history = []
     model.train()
@@ -204,9 +212,9 @@ def train_towers(data: FeaturePairs, cfg: TowerConfig) -> tuple[FrozenTowers, li
         pos += b
         v1, v2 = _pick(nv, b, gen)
         t1, t2 = _pick(nt, b, gen)
-        xv, xt = _render(data.x_v, data.v_views, idx, v1), _render(data.x_t, data.t_views, idx, t1)
-        xva = _render(data.x_v, data.v_views, idx, v2) if needs_aug else None
-        xta = _render(data.x_t, data.t_views, idx, t2) if needs_aug else None
+        xv, xt = rv[idx * nv + v1], rt[idx * nt + t1]  # = _render(x, views, idx, which), one gather
+        xva = rv[idx * nv + v2] if needs_aug else None
+        xta = rt[idx * nt + t2] if needs_aug else None
         f = model(xv, xt, xva, xta, separation=sep)
         loss, parts = objective(f)
         opt.zero_grad(set_to_none=True)
@@ -280,9 +288,10 @@ def evaluate_towers(model: FrozenTowers, test: FeaturePairs, zero_shot: Mapping[
 
 def probe_scores(train_x, train_y, test_x, test_y, *, few_shot: Sequence[int] = (), few_shot_draws: int = 3,
                  Cs: Sequence[float] = (0.1, 1.0, 10.0), max_iter: int = 100, seed: int = 0) -> dict:
-    """Linear probe (``probe``, C chosen on a split of the training items) and k-shot probes (``fewshot/<k>shot``)."""
-    out = {"probe": linear_probe_eval(train_x, train_y, test_x, test_y, Cs=Cs, seed=seed,
-                                      max_iter=max_iter)["accuracy"]}
+    """Linear probe (``probe``, C chosen on a split of the training items, recorded as ``probe_C``) and k-shot probes
+    (``fewshot/<k>shot``)."""
+    lp = linear_probe_eval(train_x, train_y, test_x, test_y, Cs=Cs, seed=seed, max_iter=max_iter)
+    out = {"probe": lp["accuracy"], "probe_C": lp["C"]}
     if few_shot:
         fs = few_shot_eval(train_x, train_y, test_x, test_y, shots=tuple(few_shot), n_draws=few_shot_draws, seed=seed,
                            max_iter=max_iter)

@@ -8,7 +8,15 @@ import numpy as np
 
 from ..stats import chance_rate, gate, paired_verdict
 
-__all__ = ["emoji_prompts", "CLAIM_METRICS", "paired_claims", "end_to_end_unit"]
+__all__ = ["emoji_study_data", "emoji_prompts", "CLAIM_METRICS", "RESULT_KEYS", "paired_claims", "end_to_end_unit", "result_rows",
+           "summary_rows", "verdict_lines", "plot_verdicts", "plot_geometry"]
+
+#: The columns of notebook 04's results table (accuracies shown in %, the geometry as is).
+RESULT_KEYS = ("zs/subgroup/top1", "zs/subgroup/balanced", "zs/group/top1", "zs/group/balanced",
+               "text/subgroup/balanced", "text/group/balanced", "ret/i2t_R@1", "ret/i2t_R@5", "ret/i2t_R@10",
+               "ret/t2i_R@1", "ret/t2i_R@5", "ret/t2i_R@10", "probe", "fewshot/1shot", "fewshot/5shot",
+               "modality_gap", "paired_cosine", "unpaired_cosine")
+_GEOMETRY = ("modality_gap", "paired_cosine", "unpaired_cosine")
 
 #: (result key, label, paper table key template, paper column) of the claims of notebook 04.
 CLAIM_METRICS = (
@@ -28,6 +36,36 @@ def emoji_prompts(groups: Sequence[str], subgroups: Sequence[str], group_of_item
     members = {g: sorted({name(s) for gg, s in zip(group_of_item, subgroup_of_item) if gg == g}) for g in groups}
     grp = [(t.format(n), i) for i, g in enumerate(groups) for n in [name(g)] + members[g] for t in templates]
     return {"subgroup": ([p for p, _ in sub], [c for _, c in sub]), "group": ([p for p, _ in grp], [c for _, c in grp])}
+
+
+def emoji_study_data(n_items: int = 0, resolution: int = 64, feature_views: int = 2,
+                     templates: Sequence[str] = ("an emoji of {}.", "{}")) -> dict:
+    """Everything notebook 04's frozen study needs, from the shared feature cache: the emoji (all, or a seeded subset
+    of ``n_items``), :class:`~.frozen_clip.FeaturePairs` of the frozen image (``final``) and caption features with
+    ``feature_views`` views, a random-init encoder's image features (``rand_v``, the gate), the zero-shot prompt
+    features per task (``prompts[task] = (features, class of each prompt)``), ``labels`` and ``n_classes`` per task.
+    The full set uses the project's standard cache keys ("emoji-64px", "emoji-captions")."""
+    from ..data import load_emoji
+    from ..features import image_features, text_features
+    from .frozen_clip import FeaturePairs
+
+    ds = load_emoji(size=64)
+    if n_items:
+        ds = ds.subset(np.sort(np.random.default_rng(0).permutation(len(ds))[:n_items]))
+    sub = f"-sub{n_items}" if n_items else ""
+    fi = image_features(ds.images, f"emoji-64px{sub}", layers=("final", "mid"), resolution=resolution,
+                        views=feature_views)
+    ft = text_features(ds.captions, f"emoji-captions{sub}", views=feature_views)
+    rand_v = image_features(ds.images, f"emoji-64px{sub}", layers=("final",), resolution=resolution,
+                            pretrained=False)["final"]
+    text = emoji_prompts(ds.groups, ds.subgroups, ds.group_names, ds.subgroup_names, templates)
+    pf = text_features(text["subgroup"][0] + text["group"][0], "emoji-prompts")["sentence"]
+    n_sub = len(text["subgroup"][0])
+    return {"ds": ds, "feats": FeaturePairs(fi["final"], ft["sentence"], fi.get("view_final"), ft.get("view_sentence")),
+            "rand_v": rand_v, "prompts": {"subgroup": (pf[:n_sub], text["subgroup"][1]),
+                                          "group": (pf[n_sub:], text["group"][1])},
+            "labels": {"subgroup": ds.subgroup_labels.numpy(), "group": ds.group_labels.numpy()},
+            "n_classes": {"subgroup": len(ds.subgroups), "group": len(ds.groups)}}
 
 
 def _vals(units: Sequence[Mapping], method: str, key: str) -> np.ndarray:
@@ -162,3 +200,82 @@ def _json(x):
     from .albef_world import json_safe
 
     return json_safe(x)
+
+
+def result_rows(units: Sequence[Mapping], arms: Sequence[str], keys: Sequence[str] = RESULT_KEYS) -> list[dict]:
+    """``{"arm": arm, key: "mean ± sd"}`` per arm over units: accuracies in % with one decimal, the geometry
+    (:data:`_GEOMETRY`) with three; a key missing in any unit of an arm is left out of that arm's row."""
+    rows = []
+    for arm in arms:
+        row = {"arm": arm}
+        for k in keys:
+            v = [u[arm].get(k) for u in units if arm in u]
+            if len(v) != len(units) or any(x is None for x in v):
+                continue
+            scale, nd = (1, 3) if k in _GEOMETRY else (100, 1)
+            sd = scale * np.std(v, ddof=1) if len(v) > 1 else 0.0
+            row[k] = f"{scale * np.mean(v):.{nd}f} ± {sd:.{nd}f}"
+        rows.append(row)
+    return rows
+
+
+def summary_rows(units: Sequence[Mapping], methods: Sequence[str], mode: str) -> list[dict]:
+    """The long-table rows of ``run.finish``: each claim metric (%, :data:`CLAIM_METRICS`) and the modality gap per
+    method, mean and sd over units."""
+    out = []
+    for m in methods:
+        exp = f"CLIP + modality structure (emoji, {mode}): {m}"
+        for key, label, pkey, _ in CLAIM_METRICS:
+            v = _vals(units, m, key)
+            out.append({"experiment": exp, "metric": f"{label} (%)", "value": float(v.mean()),
+                        "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
+                        "paper_key": pkey.format(m=m), "note": "ours: emoji, frozen encoders; paper: CC3M RN50"})
+        g = np.array([float(u[m]["modality_gap"]) for u in units])
+        out.append({"experiment": exp, "metric": "modality gap", "value": float(g.mean()),
+                    "std": float(g.std(ddof=1)) if len(g) > 1 else 0.0, "n": len(g), "higher_is_better": False})
+    return out
+
+
+def verdict_lines(table: Sequence[Mapping]) -> list[str]:
+    """One printed line per row of :func:`paired_claims`' table: effect, 95 % interval, MDE and verdict."""
+    return [f"  {r['comparison']:>20} | {r['metric']:<40} | paper {r['paper direction']:<6} | {r['effect']:+6.2f} "
+            f"[{r['ci_low']:+6.2f}, {r['ci_high']:+6.2f}] | MDE {r['mde']:4.2f} | {r['verdict']}" for r in table]
+
+
+def plot_verdicts(table: Sequence[Mapping]):
+    """One panel per metric: each comparison's paired difference with its 95 % interval, coloured by verdict."""
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(r["metric"] for r in table))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        part = [r for r in table if r["metric"] == metric]
+        for y, r in enumerate(part):
+            c = {"reproduced": "C2", "opposite": "C3"}.get(r["verdict"], "gray")
+            ax.errorbar([r["effect"]], [y], xerr=[[r["effect"] - r["ci_low"]], [r["ci_high"] - r["effect"]]], fmt="o",
+                        color=c, capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set(yticks=range(len(part)), yticklabels=[f"{r['comparison']} ({r['paper direction']})" for r in part],
+               xlabel="paired difference, points (95% CI)", title=metric)
+    fig.suptitle("green: reproduced, red: opposite, gray: inconclusive / uninformative")
+    fig.tight_layout()
+    return fig
+
+
+def plot_geometry(unit: Mapping, methods: Sequence[str]):
+    """Joint 2-D PCA of held-out images and captions per method of one unit (those with a ``pca`` entry), titled
+    with the modality gap; ``None`` when no method has one."""
+    import matplotlib.pyplot as plt
+
+    show = [m for m in methods if "pca" in unit[m]]
+    if not show:
+        return None
+    fig, axes = plt.subplots(1, len(show), figsize=(3.2 * len(show), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], show):
+        p = unit[m]["pca"]
+        ax.scatter(*np.array(p["v"]).T, s=5, alpha=0.6, label="image")
+        ax.scatter(*np.array(p["t"]).T, s=7, alpha=0.6, marker="x", label="text")
+        ax.set(title=f"{m}: gap {unit[m]['modality_gap']:.2f}", xticks=[], yticks=[])
+    axes[0][0].legend(fontsize=8, markerscale=2)
+    fig.tight_layout()
+    return fig
