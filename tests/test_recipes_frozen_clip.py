@@ -125,3 +125,25 @@ def test_pca_images_by_hand():
     assert torch.allclose(p.x_v.abs(), expect.abs(), atol=1e-3)  # signs of principal directions are arbitrary
     assert p.v_views.shape == (50, 2, 3) and torch.equal(p.x_t, data.x_t)
     assert torch.allclose(p.x_v[fit].square().sum(1).mean(), torch.tensor(1.0), atol=1e-4)
+
+
+def test_stacked_renders_index_like_render():
+    data, _, _ = _planted(n=10)
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.tensor([4, 0, 9, 4])
+    which = torch.randint(0, 3, (4,), generator=gen)
+    stacked = fc._stack_renders(data.x_v, data.v_views)
+    assert stacked.shape == (30, 20)
+    # row i * 3 + r is render r of item i: r = 0 the clean feature, r = 1, 2 the views
+    assert torch.equal(stacked[9 * 3 + 0], data.x_v[9]) and torch.equal(stacked[4 * 3 + 2], data.v_views[4, 1])
+    assert torch.equal(stacked[idx * 3 + which], fc._render(data.x_v, data.v_views, idx, which))
+    assert torch.equal(fc._stack_renders(data.x_v, None), data.x_v)
+
+
+def test_probe_scores_records_the_chosen_C():
+    g = torch.Generator().manual_seed(0)
+    y = np.arange(120) % 3
+    x = torch.randn(120, 5, generator=g) + 4 * torch.eye(5)[y]
+    out = fc.probe_scores(x[:80], y[:80], x[80:], y[80:], few_shot=[1], few_shot_draws=2, Cs=[0.1, 1.0])
+    assert out["probe_C"] in (0.1, 1.0) and out["probe"] > 0.8 and 0 <= out["fewshot/1shot"] <= 1
+    assert fc.probe_scores(x[:80], y[:80], x[80:], y[80:], Cs=[3.0])["probe_C"] == 3.0
