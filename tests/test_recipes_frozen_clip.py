@@ -110,6 +110,7 @@ def test_run_unit_on_planted_data():
     # the random-init encoder (pure noise features) probes at chance level
     assert out["gate/random_init"]["probe"] < 0.5
     assert out["majority"]["cls"] == pytest.approx(0.25, abs=0.1)
+    assert set(out["cpu_seconds"]) == {"train", "evaluate", "gates"} and out["cpu_seconds"]["train"] > 0
 
 
 def test_pca_images_by_hand():

@@ -49,7 +49,8 @@ def test_run_gap_unit_shapes_and_information_loss():
     cfg = fc.TowerConfig(width=16, embed_dim=4, steps=80, batch_size=32, warmup_steps=5)
     out = ig.run_gap_unit(x_v, {0.0: full, 1.0: empty}, {"y": y}, x_v[:, :4], torch.randn(n, 40, generator=g), cfg,
                           seed=0, n_test=80, n_probe_train=100, align_scales=[0.0, 1.0], align_gap=0.0)
-    assert set(out) == {"clip", "align", "supervised", "pixels", "random_init", "random_projection"}
+    assert set(out) == {"clip", "align", "supervised", "pixels", "random_init", "random_projection", "cpu_seconds"}
+    assert out["cpu_seconds"]["train"] > 0 and out["cpu_seconds"]["probe"] > 0
     assert out["clip"][0.0]["y"] > out["clip"][1.0]["y"] + 0.2   # the gap removes what the captions carried
     assert out["supervised"]["y"] > out["clip"][1.0]["y"] + 0.1  # the single-modality model keeps it
     for s in (0.0, 1.0):

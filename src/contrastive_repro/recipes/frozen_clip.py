@@ -394,24 +394,49 @@ def run_unit(feats: FeaturePairs, captions: Sequence[str], labels: Mapping[str, 
                  "majority": {k: majority_rate(np.asarray(v)[te.numpy()], np.asarray(v)[tr.numpy()])
                               for k, v in labels.items()}}
     base_cfg = TowerConfig(**{**cfg.__dict__, "regularizers": {}, "seed": seed})
+    clock = _Clock()
     for m in methods:
-        if m == "clip":
-            model, hist = train_towers(fit, base_cfg)
-        else:
-            model, w, scores, hist = sweep_and_train(fit, val, val_zs, base_cfg, m, weight_grid[m], select_metric)
-            out["chosen"][m], out["val_scores"][m] = w, scores
+        with clock("train"):
+            if m == "clip":
+                model, hist = train_towers(fit, base_cfg)
+            else:
+                model, w, scores, hist = sweep_and_train(fit, val, val_zs, base_cfg, m, weight_grid[m], select_metric)
+                out["chosen"][m], out["val_scores"][m] = w, scores
         out["first_step"][m] = hist[0] if hist else {}
-        out[m] = evaluate_towers(model, test, test_zs, pca=pca, **ev)
-    torch.manual_seed(seed)
-    untrained = FrozenTowers(feats.x_v.shape[1], feats.x_t.shape[1], cfg.width, cfg.embed_dim).eval()
-    out["gate/random_projection"] = evaluate_towers(untrained, test, test_zs, **ev)
-    if random_init_x_v is not None:
-        rx = random_init_x_v.float()
-        px = _project(rx, cfg.width, cfg.embed_dim, seed)
-        out["gate/random_init"] = probe_scores(px[tr], probe["train_y"], px[te], probe["test_y"], few_shot=few_shot,
-                                               few_shot_draws=few_shot_draws, Cs=probe_Cs, max_iter=probe_max_iter,
-                                               seed=seed)
+        with clock("evaluate"):
+            out[m] = evaluate_towers(model, test, test_zs, pca=pca, **ev)
+    with clock("gates"):
+        torch.manual_seed(seed)
+        untrained = FrozenTowers(feats.x_v.shape[1], feats.x_t.shape[1], cfg.width, cfg.embed_dim).eval()
+        out["gate/random_projection"] = evaluate_towers(untrained, test, test_zs, **ev)
+        if random_init_x_v is not None:
+            rx = random_init_x_v.float()
+            px = _project(rx, cfg.width, cfg.embed_dim, seed)
+            out["gate/random_init"] = probe_scores(px[tr], probe["train_y"], px[te], probe["test_y"],
+                                                   few_shot=few_shot, few_shot_draws=few_shot_draws, Cs=probe_Cs,
+                                                   max_iter=probe_max_iter, seed=seed)
+    out["cpu_seconds"] = clock.seconds  # process CPU time per phase (the sweeps' validation scoring is in "train")
     return out
+
+
+class _Clock:
+    """Process CPU seconds per named phase: ``with clock("train"): ...``; ``clock.seconds`` = {phase: s}."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, phase: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def _timed():
+            t = time.process_time()
+            try:
+                yield
+            finally:
+                self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.process_time() - t, 3)
+        return _timed()
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .clip_pretrain import linear_probe_eval, modality_stats, retrieval_eval
-from .frozen_clip import FeaturePairs, FrozenTowers, TowerConfig, embed, train_towers
+from .frozen_clip import FeaturePairs, FrozenTowers, TowerConfig, _Clock, embed, train_towers
 
 __all__ = ["train_supervised", "probe_targets", "collapse_stats", "run_gap_unit", "world_captions", "arm_values",
            "part1_rows", "gap_claims", "align_rows", "align_claims", "plot_probe_vs_gap", "plot_alignment",
@@ -101,32 +101,39 @@ def run_gap_unit(x_v: torch.Tensor, captions_by_gap: Mapping[float, torch.Tensor
     pk = dict(Cs=probe_Cs, max_iter=probe_max_iter, seed=seed)
     c = TowerConfig(**{**cfg.__dict__, "seed": seed, "base": "clip", "regularizers": {}})
     out: dict = {"clip": {}, "align": {}}
-    trained = {}
+    trained, clock = {}, _Clock()
     for g, xt in captions_by_gap.items():
-        trained[float(g)] = model, hist = train_towers(FeaturePairs(x_v[tr], xt[tr]), c)
-        out["clip"][float(g)] = probe_targets(embed(model, x_v[ptr], "v"), embed(model, x_v[te], "v"), tt, et, **pk)
-    sup = train_supervised(x_v[tr], {k: np.asarray(v)[tr.numpy()] for k, v in targets.items()}, c)
-    out["supervised"] = probe_targets(embed(sup, x_v[ptr], "v"), embed(sup, x_v[te], "v"), tt, et, **pk)
-    out["pixels"] = probe_targets(pixels[ptr], pixels[te], tt, et, **pk)
-    torch.manual_seed(seed)
-    rnd = FrozenTowers(random_init_x_v.shape[1], 8, cfg.width, cfg.embed_dim).eval()
-    out["random_init"] = probe_targets(embed(rnd, random_init_x_v[ptr], "v"), embed(rnd, random_init_x_v[te], "v"),
-                                       tt, et, **pk)
-    torch.manual_seed(seed)
-    rnd = FrozenTowers(x_v.shape[1], 8, cfg.width, cfg.embed_dim).eval()
-    out["random_projection"] = probe_targets(embed(rnd, x_v[ptr], "v"), embed(rnd, x_v[te], "v"), tt, et, **pk)
+        with clock("train"):
+            trained[float(g)] = model, hist = train_towers(FeaturePairs(x_v[tr], xt[tr]), c)
+        with clock("probe"):
+            out["clip"][float(g)] = probe_targets(embed(model, x_v[ptr], "v"), embed(model, x_v[te], "v"), tt, et,
+                                                  **pk)
+    with clock("train"):
+        sup = train_supervised(x_v[tr], {k: np.asarray(v)[tr.numpy()] for k, v in targets.items()}, c)
+    with clock("probe"):
+        out["supervised"] = probe_targets(embed(sup, x_v[ptr], "v"), embed(sup, x_v[te], "v"), tt, et, **pk)
+        out["pixels"] = probe_targets(pixels[ptr], pixels[te], tt, et, **pk)
+        torch.manual_seed(seed)
+        rnd = FrozenTowers(random_init_x_v.shape[1], 8, cfg.width, cfg.embed_dim).eval()
+        out["random_init"] = probe_targets(embed(rnd, random_init_x_v[ptr], "v"),
+                                           embed(rnd, random_init_x_v[te], "v"), tt, et, **pk)
+        torch.manual_seed(seed)
+        rnd = FrozenTowers(x_v.shape[1], 8, cfg.width, cfg.embed_dim).eval()
+        out["random_projection"] = probe_targets(embed(rnd, x_v[ptr], "v"), embed(rnd, x_v[te], "v"), tt, et, **pk)
     xt = captions_by_gap[align_gap]
     for s in align_scales:
-        if float(s) == 0.0 and float(align_gap) in trained and c.align_scale == 0:
-            model, hist = trained[float(align_gap)]
-        else:
-            model, hist = train_towers(FeaturePairs(x_v[tr], xt[tr]),
-                                       TowerConfig(**{**c.__dict__, "align_scale": float(s)}))
+        with clock("train"):
+            if float(s) == 0.0 and float(align_gap) in trained and c.align_scale == 0:
+                model, hist = trained[float(align_gap)]
+            else:
+                model, hist = train_towers(FeaturePairs(x_v[tr], xt[tr]),
+                                           TowerConfig(**{**c.__dict__, "align_scale": float(s)}))
         zv, zt = embed(model, x_v[te], "v"), embed(model, xt[te], "t")
         res = {f"ret/{k}": v for k, v in retrieval_eval(zv, zt).items()}
         res.update(collapse_stats(zv, zt))
         res["align_term"] = hist[-1]["align"]
         out["align"][float(s)] = res
+    out["cpu_seconds"] = clock.seconds  # process CPU time per phase
     return out
 
 
