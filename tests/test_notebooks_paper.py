@@ -105,22 +105,26 @@ def test_07_tcm_image_retrieval_paper_path(tmp_path):
 
 @pytest.mark.slow
 def test_08_accuracy_vs_threshold_consistency_paper_path(tmp_path):
-    # end to end from DATA_ROOT (CUB-200's files) with the five losses the notebook needs, one batch size (the TCM
-    # twins' size) and one step each; ResNet-50 from the local weights file the config names
+    # end to end from DATA_ROOT (CUB-200's files) with the paper's five losses at two batch sizes (+ the TCM twins),
+    # two steps each: fifteen trainings, so the small CNN instead of ResNet-50 (2 s a training on CPU; test_07 runs
+    # the local ResNet-50 weights), and a large learning rate so that two steps of different losses give different
+    # errors (the two-piece fit needs distinct values)
     root = tmp_path / "data"
-    ft.make_cub(root, class_ids=tuple(range(1, 9)) + (101, 102, 103), per_class=4)
+    ft.make_cub(root, class_ids=tuple(range(1, 9)) + tuple(range(101, 109)), per_class=6)
     cfg = _paper("08_accuracy_vs_threshold_consistency")
-    _resnet50_weights(root, cfg["pretrained_path"])
-    params = profile_params("08_accuracy_vs_threshold_consistency", "paper", seeds=[0], batch_sizes=[8],
-                            tcm_batch_size=8, steps=1, embed_dim=16, image_size=32, eval_every=1, num_workers=0,
-                            samples_per_class=2, device="cpu")
-    assert params["losses"] == cfg["losses"] and params["backbone"] == "resnet50"
+    params = profile_params("08_accuracy_vs_threshold_consistency", "paper", seeds=[0], batch_sizes=[8, 16],
+                            tcm_batch_size=8, steps=2, embed_dim=16, image_size=32, eval_every=1, num_workers=0,
+                            samples_per_class=2, backbone="small_cnn", pretrained_path="", lr=0.05, device="cpu")
+    assert params["losses"] == cfg["losses"] and params["mode"] == "end_to_end"
     rec = run_notebook("08_accuracy_vs_threshold_consistency", params, results=tmp_path / "results",
                        data_root=root)
     p = rec["params"]
     assert p["mode"] == "end_to_end" and p["dataset"] == "cub200" and p["losses"] == cfg["losses"]
-    assert p["pretrained_path"] == cfg["pretrained_path"] and p["lr"] == cfg["lr"] and p["steps"] == 1
-    assert rec["summary"] and rec["claims"]
+    assert p["steps"] == 2 and p["embed_dim"] == 16 and p["tcm_pos_margin"] == 0.9
+    assert {"delta BIC (line - two-piece)", "R@1 range (min)", "R@1 range (max)"} <= _metrics(rec)
+    assert {c["id"] for c in rec["claims"]} == {"tcm.tradeoff.high_accuracy_slope", "tcm.tradeoff.low_accuracy_slope",
+                                                "tcm.tradeoff.twins_opis"}
+    assert len(rec["metrics"]["runs"]) == 15 and {r["batch_size"] for r in rec["metrics"]["runs"]} == {8, 16}
     _no_temp_files(tmp_path / "results")
 
 
