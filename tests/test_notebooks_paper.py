@@ -139,3 +139,51 @@ def test_06_tcm_mnist_toy_paper_path(tmp_path):
     assert p["arcface_margin_candidates"] == cfg["arcface_margin_candidates"]
     assert rec["summary"] and rec["claims"]
     _no_temp_files(tmp_path / "results")
+
+
+def _cc3m_cifar(root: Path, n_train: int = 8, n_val: int = 4) -> None:
+    """DATA_ROOT/cc3m/{train,val}.tsv (CC3M-style, filepath<TAB>title, images beside) + CIFAR-10/100 batches."""
+    words = ["red", "blue", "green", "small", "large", "round", "square", "striped"]
+    caps = [f"a {words[i % 8]} {words[(3 * i + 1) % 8]} thing" for i in range(n_train + n_val)]
+    ft.make_image_text(root / "cc3m", name="train.tsv", captions=caps[:n_train])
+    ft.make_image_text(root / "cc3m", name="val.tsv", captions=caps[n_train:], first_value=n_train + 1)
+    ft.make_cifar(root, "cifar10")
+    ft.make_cifar(root, "cifar100")
+
+
+# 02's frozen-feature study (it runs at the paper profile too), tiny: a small pool, two batch sizes, a few steps
+_TINY_02_FROZEN = dict(head_pool=120, head_test=40, head_resolution=32, head_views=2, head_pca_dim=16, head_proj_dim=8,
+                       head_batch_sizes=[8, 16], head_steps_at_largest=2, val_pool=60, val_steps=2, vl_n_items=120,
+                       vl_steps=2, vl_batch_size=16, vl_proj_dim=8)
+
+
+@pytest.mark.slow
+def test_02_small_batch_contrastive_paper_path(tmp_path):
+    # mode end_to_end: the SSL sweep on ImageNet-style folders and the CLIP runs on a CC3M-style TSV with CIFAR
+    # zero-shot, all from DATA_ROOT; the small CNN / the tiny open_clip preset instead of ResNet-50 / RN50, one
+    # step per run; the paper's view mode (fresh views every step), losses, temperature and momentum
+    root = tmp_path / "data"
+    ft.make_image_folder(root / "imagenet" / "train", classes=("cat", "dog", "zebra", "yak"), per_class=4)
+    ft.make_image_folder(root / "imagenet" / "val", classes=("cat", "dog", "zebra", "yak"), per_class=2)
+    _cc3m_cifar(root)
+    cfg = _paper("02_small_batch_contrastive")
+    e2e = dict(cfg["end_to_end"], device="cpu", torch_threads=1, ckpt_every=0, ssl_image_size=32,
+               ssl_batch_sizes=[4, 8], ssl_budget="steps", ssl_steps=1, ssl_n_test=8, ssl_backbone="small_cnn",
+               ssl_proj_dim=16, ssl_num_workers=0, ssl_knn_k=3, ssl_eval_n_train=16, ssl_probe_Cs=[1.0],
+               clip_preset="tiny", clip_image_size=32, clip_batch_size=4, clip_epochs=1.0, clip_shots=[1],
+               clip_few_shot_draws=1, clip_n_probe_train=8, clip_n_retrieval=4)
+    params = profile_params("02_small_batch_contrastive", "paper", seeds=[0, 1], workers=1, end_to_end=e2e,
+                            head_arms=["conventional", "control", "decomposable"], **_TINY_02_FROZEN)
+    assert params["mode"] == "end_to_end" and params["end_to_end"]["ssl_dataset"] == "image_folder"
+    rec = run_notebook("02_small_batch_contrastive", params, results=tmp_path / "results", data_root=root)
+    p = rec["params"]
+    assert p["mode"] == "end_to_end" and p["end_to_end"]["clip_source"] == cfg["end_to_end"]["clip_source"]
+    assert p["end_to_end"]["ssl_view_mode"] == "online" and p["end_to_end"]["ssl_temperature"] == 0.2
+    e = rec["metrics"]["end_to_end"]
+    assert set(e["ssl"]) == {"infonce|4", "infonce|8", "decomposable|4", "decomposable|8"}
+    assert set(e["clip"]) == {"clip|0", "clip|1", "decomposable|0", "decomposable|1"}
+    assert any(x.startswith("SSL end-to-end") for x in _experiments(rec))
+    assert any(x.startswith("CLIP end-to-end") for x in _experiments(rec))
+    ids = {c["id"] for c in rec["claims"]}
+    assert "dcl.ssl_end_to_end.half_batch" in ids and any(i.startswith("dcl.vl_end_to_end.") for i in ids)
+    _no_temp_files(tmp_path / "results")
