@@ -187,3 +187,29 @@ def test_02_small_batch_contrastive_paper_path(tmp_path):
     ids = {c["id"] for c in rec["claims"]}
     assert "dcl.ssl_end_to_end.half_batch" in ids and any(i.startswith("dcl.vl_end_to_end.") for i in ids)
     _no_temp_files(tmp_path / "results")
+
+
+@pytest.mark.slow
+def test_04_clip_modality_structures_paper_path(tmp_path):
+    # mode end_to_end on CC3M-style pairs with CIFAR-10/100 zero-shot and probes from DATA_ROOT: open_clip's tiny
+    # preset instead of RN50, two steps per tower, CLIP and GC (the paper's fixed weight), two seeds; the paper's
+    # prompt templates; a checkpoint every step so that the resumable path is taken
+    root = tmp_path / "data"
+    _cc3m_cifar(root)
+    cfg = _paper("04_clip_modality_structures")
+    params = profile_params("04_clip_modality_structures", "paper", seeds=[0, 1], methods=["clip", "gc"],
+                            preset="tiny", image_size=32, context_length=16, epochs=1, batch_size=4, warmup_steps=1,
+                            few_shot=[1], few_shot_draws=1, probe_Cs=[1.0], probe_max_iter=50, ckpt_every=1,
+                            torch_threads=1, workers=1, device="cpu")
+    assert params["mode"] == "end_to_end" and params["dataset"] == "cc3m" == cfg["dataset"]
+    rec = run_notebook("04_clip_modality_structures", params, results=tmp_path / "results", data_root=root)
+    p = rec["params"]
+    assert p["mode"] == "end_to_end" and p["dataset"] == "cc3m" and p["templates"] == cfg["templates"]
+    assert p["lr"] == cfg["lr"] and p["weight_decay"] == cfg["weight_decay"] and p["e2e_weights"]["gc"] == 0.25
+    assert rec["summary"] and rec["claims"]
+    assert any(c["id"].startswith("lms.clip.gc_vs_clip.") for c in rec["claims"])
+    # one checkpoint folder per (seed, method): they shared one, and the second run refused the first one's checkpoint
+    ckpts = tmp_path / "results" / "04_clip_modality_structures" / "paper" / "checkpoints"
+    assert {d.name for d in ckpts.glob("*/*") if list(d.glob("step_*.pt"))} == {
+        "seed0_clip", "seed0_gc", "seed1_clip", "seed1_gc"}
+    _no_temp_files(tmp_path / "results")
