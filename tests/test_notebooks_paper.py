@@ -213,3 +213,57 @@ def test_04_clip_modality_structures_paper_path(tmp_path):
     assert {d.name for d in ckpts.glob("*/*") if list(d.glob("step_*.pt"))} == {
         "seed0_clip", "seed0_gc", "seed1_clip", "seed1_gc"}
     _no_temp_files(tmp_path / "results")
+
+
+@pytest.mark.slow
+def test_01_synthetic_noise_study_paper_path(tmp_path):
+    # generated data; the paper profile is the same study, larger: its batch size, its momentum candidates, its
+    # heaviest noise and its bias noise, with a few steps, two seeds and few Monte-Carlo draws
+    cfg = _paper("01_synthetic_noise_study")
+    params = profile_params("01_synthetic_noise_study", "paper", seeds=[0, 1], noise_levels=[0.0, 1024.0], steps=4,
+                            val_seeds=[100], val_steps=2, bias_batch_sizes=[2, 4], bias_draws=50, workers=1)
+    assert params["batch_size"] == cfg["batch_size"] == 64
+    rec = run_notebook("01_synthetic_noise_study", params, results=tmp_path / "results")
+    p = rec["params"]
+    assert p["batch_size"] == 64 and p["steps"] == 4 and p["momentum_candidates"] == cfg["momentum_candidates"]
+    assert p["bias_noise"] == cfg["bias_noise"] and p["val_noise"] == cfg["val_noise"]
+    assert {"synthetic, noise 0, B=64", "synthetic, noise 1024, B=64"} <= _experiments(rec)
+    assert "decomposable: runs within 0.01 of 1.0" in _metrics(rec)
+    assert {"dcl.synthetic.noise0.decomposable", "dcl.synthetic.noise1024.decomposable"} <= \
+        {c["id"] for c in rec["claims"]}
+    assert set(rec["metrics"]["momentum_validation"]["scores"]) == {str(m) for m in cfg["momentum_candidates"]}
+    _no_temp_files(tmp_path / "results")
+
+
+@pytest.mark.slow
+def test_03_information_gap_paper_path(tmp_path):
+    # generated scenes; the paper profile's probe settings shape, with tiny worlds, two gaps, two alignment scales
+    cfg = _paper("03_information_gap")
+    params = profile_params("03_information_gap", "paper", seeds=[0, 1], info_gaps=[0.0, 0.9], align_scales=[0.0, 1.0],
+                            n_scenes=120, n_test=40, n_probe_train=60, image_size=32, steps=2, batch_size=32,
+                            warmup_steps=1, probe_Cs=[1.0], probe_max_iter=50, workers=1)
+    assert params["torch_threads"] == cfg["torch_threads"] == 0
+    rec = run_notebook("03_information_gap", params, results=tmp_path / "results")
+    p = rec["params"]
+    assert p["n_scenes"] == 120 and p["steps"] == 2 and p["lr"] == 2e-3
+    assert {"information gap (world)", "Fig. 2 alignment (world)"} <= _experiments(rec)
+    ids = {c["id"] for c in rec["claims"]}
+    assert {"lms.info_gap.gap.class", "lms.fig2.align_scale_1"} <= ids
+    assert len(rec["metrics"]["units"]) == 2
+    _no_temp_files(tmp_path / "results")
+
+
+@pytest.mark.slow
+def test_05_albef_modality_structures_paper_path(tmp_path):
+    # generated scenes; the paper profile's fusion encoder (width 256, depth 4) and its three tasks (NLVR as well),
+    # two methods, tiny worlds, two steps of pre-training and fine-tuning
+    cfg = _paper("05_albef_modality_structures")
+    params = profile_params("05_albef_modality_structures", "paper", seeds=[0, 1], methods=["albef", "gc"],
+                            n_scenes=120, image_size=32, pretrain_steps=2, pretrain_batch=16, finetune_steps=2,
+                            finetune_batch=16, eval_every=1, workers=1)
+    assert params["tasks"] == cfg["tasks"] == ["vqa", "ve", "nlvr"]
+    rec = run_notebook("05_albef_modality_structures", params, results=tmp_path / "results")
+    p = rec["params"]
+    assert p["width"] == 256 and p["fusion_depth"] == 4 and p["embed_dim"] == 128 and p["tasks"] == cfg["tasks"]
+    assert rec["summary"] and rec["claims"]
+    _no_temp_files(tmp_path / "results")
