@@ -100,6 +100,7 @@ def test_07_tcm_image_retrieval_paper_path(tmp_path):
     ids = {c["id"] for c in rec["claims"]}
     assert {"tcm.grid.cub200.resnet50.smooth_ap.opis", "tcm.grid.cub200.resnet50.smooth_ap.r1"} <= ids
     assert all(c["n"] == 2 for c in rec["claims"] if c["id"].startswith("tcm.grid.cub200"))
+    assert all("margins 0.9/0.5 as given" in c["test"] for c in rec["claims"] if c["id"].startswith("tcm.grid.cub"))
     _no_temp_files(tmp_path / "results")
 
 
