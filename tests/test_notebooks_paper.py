@@ -52,12 +52,13 @@ def _experiments(rec: dict) -> set[str]:
 @pytest.mark.slow
 def test_00_tour_paper_path(tmp_path):
     # the paper profile's model (width 64, 128-d embeddings) on a subset, steps cut; the notebook itself asserts
-    # that training improves retrieval, so the run must be long enough for that (20 steps, not one or two)
-    params = profile_params("00_tour", "paper", steps=20, n_train=1280, n_test=500, batch_size=64, device="cpu")
+    # that training improves retrieval, which the first steps do not (R@1 of the random-init features first drops:
+    # 20-40 steps of 32-64 items did not improve it, 60 steps of 32 items do), so 60 steps on batches of 32
+    params = profile_params("00_tour", "paper", steps=60, n_train=1920, n_test=500, batch_size=32, device="cpu")
     assert params["width"] == 64 and params["embed_dim"] == 128  # from configs/paper/00_tour.yaml
     (tmp_path / "data").mkdir()
     rec = run_notebook("00_tour", params, results=tmp_path / "results", data_root=tmp_path / "data")
-    assert rec["params"]["steps"] == 20 and rec["params"]["width"] == 64 and rec["metrics"]["steps"] == 20
+    assert rec["params"]["steps"] == 60 and rec["params"]["width"] == 64 and rec["metrics"]["steps"] == 60
     assert rec["metrics"]["after"]["R@1"] > rec["metrics"]["before"]["R@1"]
     assert {r["metric"] for r in rec["summary"]} >= {"test R@1 (trained)", "test MAP@R (trained)"}
     # the checkpoint folder is keyed on parameters and code, not on the seed alone
