@@ -22,15 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 import data_trees as ft  # noqa: E402
 
 
-def _smoke(notebook: str, *names: str) -> dict:
-    """The parameters-cell (smoke) defaults of ``names``: frozen-feature parts of a paper run use exactly the smoke
-    settings, so their features come from the same cache entries as nbval's smoke run (no extra extraction)."""
-    from reproduce.params import notebook_parameters
-
-    spec = notebook_parameters(ROOT / "notebooks" / f"{notebook}.ipynb")
-    return {n: spec[n]["default"] for n in names}
-
-
 def _paper(notebook: str) -> dict:
     from reproduce.params import load_profile
 
@@ -139,7 +130,8 @@ def test_06_tcm_mnist_toy_paper_path(tmp_path):
     p = rec["params"]
     assert p["hidden"] == cfg["hidden"] == 512 and p["embed_dim"] == 3 and p["steps"] == 2
     assert p["arcface_margin_candidates"] == cfg["arcface_margin_candidates"]
-    assert rec["summary"] and rec["claims"]
+    assert any(e.startswith("MNIST toy 3-D, ") for e in _experiments(rec))
+    assert rec["claims"] and all(c["id"].startswith("tcm.mnist_toy.") for c in rec["claims"])
     _no_temp_files(tmp_path / "results")
 
 
@@ -267,5 +259,8 @@ def test_05_albef_modality_structures_paper_path(tmp_path):
     rec = run_notebook("05_albef_modality_structures", params, results=tmp_path / "results")
     p = rec["params"]
     assert p["embed_dim"] == cfg["embed_dim"] == 128 and p["tasks"] == cfg["tasks"] and p["fusion_depth"] == 2
-    assert rec["summary"] and rec["claims"]
+    assert {"ALBEF-style fusion (world, frozen features): albef", "ALBEF-style fusion (world, frozen features): gc"} \
+        <= _experiments(rec)
+    assert {"vqa test acc. (%)", "ve test acc. (%)", "nlvr test acc. (%)"} <= _metrics(rec)
+    assert {"lms.albef.gc.nlvr"} <= {c["id"] for c in rec["claims"]}
     _no_temp_files(tmp_path / "results")
