@@ -130,9 +130,33 @@ def test_unknown_profile_rejected(repo):
         P.load_profile("gpu", repo / "configs")
 
 
-def _run(repo, *args):
-    return subprocess.run([sys.executable, "-m", "reproduce.run", *args], cwd=repo, capture_output=True, text=True,
-                          timeout=240)
+def _run(repo, *args, cli: bool = False):
+    """``python -m reproduce.run *args`` in ``repo``: with ``cli`` as a subprocess, else ``reproduce.run.main`` in
+    this process (the notebooks still run in their own kernels). A fresh interpreter costs ~5 s a call before any
+    notebook runs (torch, and the grammars nbformat's validator compiles on import), which these tests paid ~13
+    times; one test goes through the command line to keep that covered."""
+    if cli:
+        return subprocess.run([sys.executable, "-m", "reproduce.run", *args], cwd=repo, capture_output=True,
+                              text=True, timeout=240)
+    import contextlib
+    import io
+    import os
+
+    from reproduce import run as R
+
+    out, err, cwd = io.StringIO(), io.StringIO(), os.getcwd()
+    env = os.environ.get("CONTRASTIVE_REPRO_RESULTS")  # main() sets it for its kernels
+    try:
+        os.chdir(repo)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = R.main(list(args))
+    finally:
+        os.chdir(cwd)
+        if env is None:
+            os.environ.pop("CONTRASTIVE_REPRO_RESULTS", None)
+        else:
+            os.environ["CONTRASTIVE_REPRO_RESULTS"] = env
+    return subprocess.CompletedProcess(["reproduce.run", *args], rc, out.getvalue(), err.getvalue())
 
 
 LOCAL = Path("build") / "reproduce"
@@ -153,7 +177,7 @@ def test_reproduce_recomputes_into_a_local_folder_and_compares(repo):
     (repo / "configs" / "cpu" / "00_toy.yaml").write_text("steps: 7\n")
     ref_path = _reference(repo, "cpu", steps=7)
     ref_text = ref_path.read_text()
-    r = _run(repo, "--profile", "cpu")
+    r = _run(repo, "--profile", "cpu", cli=True)
     assert r.returncode == 0, r.stdout + r.stderr
     # the committed reference is never a cache nor overwritten: the run goes to build/reproduce/cpu/results
     assert ref_path.read_text() == ref_text

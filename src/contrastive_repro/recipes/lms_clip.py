@@ -129,7 +129,9 @@ def end_to_end_unit(train_pairs, suite, cfg_kw: Mapping, methods: Sequence[str],
 
     out = {"chosen": {m: weights.get(m) for m in methods if m != "clip"}, "majority": {}, "first_step": {}}
     for m in methods:
-        cfg = cp.CLIPPretrainConfig(**dict(cfg_kw, seed=seed, regularizers={} if m == "clip" else {m: weights[m]}))
+        ckpt = {"ckpt_dir": f"{cfg_kw['ckpt_dir']}/seed{seed}_{m}"} if cfg_kw.get("ckpt_dir") else {}  # one per run
+        cfg = cp.CLIPPretrainConfig(**dict(cfg_kw, seed=seed, regularizers={} if m == "clip" else {m: weights[m]},
+                                           **ckpt))
         trained = cp.train_clip(train_pairs, cfg, vocab_texts=vocab_texts)
         res = cp.evaluate_suite(trained.model, trained.tokenizer, suite, seed=seed)
         first = trained.history[0] if trained.history else {}
