@@ -96,3 +96,22 @@ def test_vl_frame_table_and_claims():
                                          "dcl.vl_frozen.t2i_r1"]
     assert all(c["verdict"] == "reproduced" for c in claims) and len(summary) == 10
     assert isinstance(table, pd.DataFrame)
+
+
+def test_gates_and_figures_render():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import torch
+
+    df = sb.ssl_frame(_heads(capped={("control", 32)}), SEEDS)
+    per, per_all = sb.per_cell(df), sb.per_cell(df, converged_only=False)
+    g = sb.ssl_gates(df, 128, {"objective": [-1.0] * 5}, {"objective": [-1.5] * 5, "probe": [0.3] * 5},
+                     torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 0]), 0.01)
+    assert g["objective"].passed and g["probe"].passed and g["probe"].baselines["chance"] == 0.25
+    readouts = {"objective": (-1, 0.01, "objective"), "probe": (+1, 0.01, "probe")}
+    fig = sb.plot_batch_curves(per_all, per, [8, 32, 128], ["conventional", "control", "decomposable"], readouts,
+                               [0.6] * 5)
+    assert len(fig.axes) == 2
+    v = {"a": sb.paired_verdict([0.1, 0.2, 0.3], [0.2, 0.25, 0.35])}
+    assert len(sb.plot_paired_effects(v, "t").axes) == 1

@@ -229,3 +229,61 @@ def vl_claims(vl: dict, df: pd.DataFrame, table: pd.DataFrame, *, alpha: float, 
     summary = [{"experiment": f"emoji image-text heads, {a}", "metric": m, "value": float(table.loc[m, a]),
                 "n": len(vl)} for m in metrics for a in ("clip", "decomposable")]
     return verdicts, claims, summary
+
+
+# ---------------------------------------------------------------------------------------------- gates, figures
+def ssl_gates(df: pd.DataFrame, batch_size: int, untrained: dict, rand_readout: dict, labels, margin: float) -> dict:
+    """Gates of the conventional loss at ``batch_size``: the probe against chance, the most common class and the
+    same head on the random-init encoder; the objective against the untrained head and the random-init encoder."""
+    top = {m: float(df[(df.arm == "conventional") & (df.batch == batch_size)][m].mean()) for m in READOUTS}
+    n_classes = int(torch.as_tensor(labels).max()) + 1
+    return {"probe": gate(top["probe"], {"chance": chance_rate(n_classes), "majority": majority_rate(labels),
+                                         "random-init encoder + head": float(np.mean(rand_readout["probe"]))},
+                          margin),
+            "objective": gate(top["objective"], {"untrained head": float(np.mean(untrained["objective"])),
+                                                 "random-init encoder + head":
+                                                     float(np.mean(rand_readout["objective"]))},
+                              margin, higher_is_better=False)}
+
+
+def plot_batch_curves(per_all: dict, per: dict, batch_sizes, arms, readouts: dict, no_head, alpha: float = 0.05):
+    """Per readout, each arm's mean and interval over seeds against the batch size (x: capped cells, excluded),
+    the conventional loss's largest-batch value with the non-inferiority band, and the no-head probe.
+    ``readouts[m] = (direction, margin, label)``. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from ..stats import mean_ci
+
+    bs = sorted(batch_sizes)
+    fig, axes = plt.subplots(1, len(readouts), figsize=(5.5 * len(readouts), 3.8), squeeze=False)
+    for ax, (m, (d, mg, label)) in zip(axes[0], readouts.items()):
+        for a in arms:
+            ci = np.array([mean_ci(per_all[(a, b, m)], alpha) for b in bs])
+            line = ax.errorbar(bs, ci[:, 0], yerr=[ci[:, 0] - ci[:, 1], ci[:, 2] - ci[:, 0]], marker="o",
+                               capsize=3, label=a)
+            capped = [i for i, b in enumerate(bs) if (a, b, m) not in per]
+            ax.plot(np.array(bs)[capped], ci[capped, 0], "x", ms=10, color=line[0].get_color())
+        if ("conventional", bs[-1], m) in per:
+            ref = per[("conventional", bs[-1], m)].mean()
+            ax.axhline(ref, color="k", ls=":", lw=1)
+            ax.axhspan(ref - d * mg, ref, color="0.85", zorder=0, label=f"non-inferiority margin {mg:g}")
+        if m == "probe":
+            ax.axhline(np.mean(no_head), color="tab:gray", ls="--", lw=1, label="frozen features, no head")
+        ax.set_xscale("log", base=2)
+        ax.set(xticks=bs, xticklabels=[str(b) for b in bs], xlabel="batch size B",
+               title=label + " (x: capped, excluded)")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def plot_paired_effects(verdicts: dict, title: str):
+    """Paired effects with their intervals, one point per metric (the emoji verdicts). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    eff = pd.DataFrame({m: [v.effect, v.ci_low, v.ci_high] for m, v in verdicts.items()}, index=["e", "lo", "hi"]).T
+    ax.errorbar(range(len(eff)), eff.e, yerr=[eff.e - eff.lo, eff.hi - eff.e], fmt="o", capsize=3)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(eff)), eff.index, rotation=45, ha="right")
+    ax.set(ylabel="decomposable - CLIP (paired, 95% CI)", title=title)
+    return fig
