@@ -616,29 +616,9 @@ def train_ssl_heads_converged(arms: Sequence[str], views: torch.Tensor, x: torch
             v2 = torch.stack([torch.randint(0, k - 1, (batch_size,), generator=g) for g in gens])
             v2 = v2 + (v2 >= v1).long()
             x1, x2 = views[idx, v1], views[idx, v2]                                                # [S, B, D]
-            w.requires_grad_(True)
-            z1, z2 = F.normalize(x1 @ w, dim=-1), F.normalize(x2 @ w, dim=-1)                      # [A, S, B, p]
-            logits = z1 @ z2.transpose(-1, -2) / tau                                               # [A, S, B, B]
-            # both directions' log Zhat from one masked copy (columns: the other direction); every arm's loss is a
-            # function of these and of the positives
-            off = logits.masked_fill(eye, float("-inf"))
-            lz = torch.stack([torch.logsumexp(off, dim=-1), torch.logsumexp(off, dim=-2)]) - log_b1      # [2, A, S, B]
-            pos = logits.diagonal(dim1=-2, dim2=-1)                                                # [A, S, B]
-            losses = []
-            for i, arm in enumerate(arms):
-                if arm == "conventional":
-                    terms = torch.logaddexp(lz[:, i] + log_b1, pos[i]) - pos[i]
-                elif arm == "control":
-                    terms = lz[:, i] - pos[i]
-                else:
-                    e = "mean" if arm == "decomposable" else "sample"
-                    with torch.no_grad():
-                        lu = torch.stack([_e_step(lz[j, i].detach(), log_z[i, :, j], seen[i, :, j], idx, momentum, e)
-                                          for j in (0, 1)])
-                    terms = torch.exp(lu + lz[:, i]) - pos[i]
-                losses.append(0.5 * terms.sum(0).mean(-1))
-            (g,) = torch.autograd.grad(torch.stack(losses).sum(), (w,))
-            w = w.detach()
+            g = _heads_grad(w, x1, x2, arms, tau, eye, log_b1,
+                            lambda i, j, lz: _e_step(lz, log_z[i, :, j], seen[i, :, j], idx, momentum,
+                                                     "mean" if arms[i] == "decomposable" else "sample"))
             with torch.no_grad():
                 _adam([w], [g], state, lr * lr_decay_steps / (lr_decay_steps + t - 1), t)
             if t in sched:
@@ -658,6 +638,46 @@ def train_ssl_heads_converged(arms: Sequence[str], views: torch.Tensor, x: torch
                     break
     return {"arms": {a: done[a] for a in arms}, "eval": {str(s): v for s, v in evals.items()}, "steps_run": t,
             "batch_size": int(batch_size), "seeds": seeds, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+@torch.no_grad()
+def _heads_grad(w, x1, x2, arms, tau, eye, log_b1, e_step):
+    """Gradient w.r.t. the heads ``w`` ``[A, S, D, p]`` of ``sum_{arms, seeds}`` of each arm's symmetric batch loss
+    (:func:`pair_losses` in both directions, halved, mean over anchors), by hand. ``e_step(arm_index, direction,
+    log_zhat)`` returns the arm's ``log u`` (and updates its running state). Rows: anchors of view 1 against
+    candidates of view 2 (direction 0); columns: the other direction (1). Per direction and anchor, the loss
+    depends on the logits through ``log Zhat`` (coefficient ``c``: 1 for the control, ``u Zhat`` for the
+    decomposable arms, ``sigmoid(log(sum_neg) - s_ii)`` for the conventional one) and the positive."""
+    h1, h2 = x1 @ w, x2 @ w                                                    # [A, S, B, p]
+    n1, n2 = h1.norm(dim=-1, keepdim=True), h2.norm(dim=-1, keepdim=True)
+    z1, z2 = h1 / n1, h2 / n2
+    logits = z1 @ z2.transpose(-1, -2) / tau                                   # [A, S, B, B]
+    pos = logits.diagonal(dim1=-2, dim2=-1).clone()
+    off = logits.masked_fill_(eye, float("-inf"))
+    lse = [torch.logsumexp(off, dim=-1), torch.logsumexp(off, dim=-2)]        # rows, columns
+    coef = [torch.empty_like(pos), torch.empty_like(pos)]
+    dpos = torch.zeros_like(pos)
+    for i, arm in enumerate(arms):
+        for j in (0, 1):
+            if arm == "conventional":
+                sig = torch.sigmoid(lse[j][i] - pos[i])
+                coef[j][i], dpos[i] = sig, dpos[i] - sig
+            elif arm == "control":
+                coef[j][i], dpos[i] = 1.0, dpos[i] - 1.0
+            else:
+                lz = lse[j][i] - log_b1
+                coef[j][i], dpos[i] = torch.exp(e_step(i, j, lz) + lz), dpos[i] - 1.0
+    b = pos.shape[-1]
+    scale = 0.5 / b
+    p_r = torch.exp(off - lse[0].unsqueeze(-1)).mul_((coef[0] * scale).unsqueeze(-1))
+    p_r.add_(torch.exp(off - lse[1].unsqueeze(-2)).mul_((coef[1] * scale).unsqueeze(-2)))
+    dl = p_r
+    dl.diagonal(dim1=-2, dim2=-1).copy_(dpos * scale)
+    dl.div_(tau)
+    dz1, dz2 = dl @ z2, dl.transpose(-1, -2) @ z1
+    dh1 = (dz1 - z1 * (z1 * dz1).sum(-1, keepdim=True)) / n1
+    dh2 = (dz2 - z2 * (z2 * dz2).sum(-1, keepdim=True)) / n2
+    return x1.transpose(-1, -2) @ dh1 + x2.transpose(-1, -2) @ dh2           # [A, S, D, p]
 
 
 def _converged_job(args):
