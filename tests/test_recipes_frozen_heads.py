@@ -192,3 +192,64 @@ def test_choose_momentum_on_a_validation_pool():
     assert res["chosen"] == min(res["scores"], key=res["scores"].get)
     with pytest.raises(ValueError):
         fh.choose_momentum([1.0], pool, 20, [100], batch_size=8, steps=5)
+
+
+def test_non_inferior_batch_skips_missing_cells():
+    base = np.random.default_rng(1).normal(size=5)
+    res = {("conventional", 64): 0.7 + 0.001 * base, ("decomposable", 64): 0.7 + 0.001 * base,
+           ("decomposable", 16): 0.7 + 0.001 * base}                   # (decomposable, 32) did not converge
+    out = fh.non_inferior_batch(res, [16, 32, 64], "decomposable", direction=+1, margin=0.01)
+    assert out["verdicts"][32] is None and out["verdicts"][16].verdict == "reproduced"
+    assert out["batch"] == 64                                          # the missing cell stops the scan
+    none = fh.non_inferior_batch({("decomposable", 16): res[("decomposable", 16)]}, [16, 64], "decomposable",
+                                 direction=+1, margin=0.01)
+    assert none == {"batch": None, "verdicts": {16: None, 64: None}}
+
+
+def test_doubling_schedule():
+    assert fh._doubling_schedule(100, 400) == [50, 100, 200, 400]
+    assert fh._doubling_schedule(100, 300) == [50, 100, 200, 300]
+    assert fh._doubling_schedule(100, 100) == [50, 100]
+    with pytest.raises(ValueError):
+        fh._doubling_schedule(100, 50)
+
+
+def _small_pool(p=60, k=2, d=12):
+    g = torch.Generator().manual_seed(0)
+    views = torch.randn(p, k, d, generator=g)
+    return views, views.mean(1), torch.arange(p) % 3
+
+
+def test_converged_training_is_the_single_arm_runs_and_stops_per_arm():
+    views, x, y = _small_pool()
+    tr, te = fh.split_pool(60, 20, [0, 1])
+    kw = dict(seeds=[0, 1], proj_dim=6, tau=0.5, lr=1e-2, lr_decay_steps=50.0, momentum=0.5)
+    arms = ["conventional", "control", "decomposable"]
+    r = fh.train_ssl_heads_converged(arms, views, x, y, tr, te, batch_size=8, start_steps=20, max_steps=80,
+                                     tol_objective=1e-9, tol_probe=1e-9, **kw)
+    assert r["steps_run"] == 80 and all(not a["converged"] and a["steps"] == 80 for a in r["arms"].values())
+    for arm in arms:                                       # every arm is the same run as when trained alone
+        q = fh.train_ssl_heads(arm, views, x, y, tr, te, batch_size=8, steps=80, eval_at=[10, 20, 40, 80], **kw)
+        for s, ev in r["eval"].items():
+            np.testing.assert_allclose(ev[arm]["objective"], q["eval"][int(s)]["objective"], atol=1e-5)
+        want = np.mean(np.abs(np.subtract(q["eval"][80]["objective"], q["eval"][40]["objective"])))
+        assert r["arms"][arm]["d_objective"] == pytest.approx(want, abs=1e-5)
+    # loose tolerances: every arm converges at the first check (readouts at start/2 and start) and training stops
+    r = fh.train_ssl_heads_converged(arms, views, x, y, tr, te, batch_size=8, start_steps=20, max_steps=80,
+                                     tol_objective=10.0, tol_probe=1.0, **kw)
+    assert r["steps_run"] == 20 and all(a["converged"] and a["steps"] == 20 for a in r["arms"].values())
+    with pytest.raises(ValueError, match="arm must be one of"):
+        fh.train_ssl_heads_converged(["nope"], views, x, y, tr, te, batch_size=8, start_steps=20, max_steps=80,
+                                     tol_objective=1.0, tol_probe=1.0, **kw)
+
+
+def test_converged_sweep_batch_sizes_and_start_steps():
+    views, x, y = _small_pool()
+    tr, te = fh.split_pool(60, 20, [0, 1])
+    pool = {"views": views, "x": x, "y": y}
+    seen = []
+    out = fh.converged_sweep(["conventional", "decomposable"], [8, 32], pool, tr, te, steps_at_largest=10,
+                             max_factor=2, seeds=[0, 1], proj_dim=6, tol_objective=10.0, tol_probe=1.0,
+                             on_result=lambda b, r: seen.append(b))
+    assert sorted(out) == [8, 32] and sorted(seen) == [8, 32]
+    assert out[8]["arms"]["conventional"]["steps"] == 20 and out[32]["arms"]["decomposable"]["steps"] == 10

@@ -1,7 +1,8 @@
 """2 gloo ranks (CPU): the SSL recipe shards each global batch by rank and gathers negatives with gradient, so one
 step gives the single-process loss, parameter gradients (after DDP's averaging) and decomposable state on the same
-global batch (1e-6), for the symmetric InfoNCE, NT-Xent and the decomposable loss; a short ``train_ssl`` run
-crossing an epoch ends with the same merged state on both ranks."""
+global batch (1e-6), for the symmetric InfoNCE, NT-Xent and the decomposable loss, with pre-computed views and with
+fresh (online) views keyed on (seed, epoch, sample); a short ``train_ssl`` run crossing an epoch ends with the same
+merged state on both ranks."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,8 @@ from contrastive_repro.recipes import ssl
 
 WORLD, N, B = 2, 32, 8
 CASES = {"infonce": {"loss": "infonce"}, "ntxent": {"loss": "infonce", "infonce_form": "ntxent"},
-         "decomposable": {"loss": "decomposable", "dcl_momentum": 0.5}}
+         "decomposable": {"loss": "decomposable", "dcl_momentum": 0.5},
+         "decomposable_online": {"loss": "decomposable", "dcl_momentum": 0.5, "view_mode": "online"}}
 
 
 
@@ -119,6 +121,27 @@ def test_two_gloo_ranks_equal_single_process(tmp_path):
     a, b = res["train"]
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert float(a[0]) == 1.0            # 5 global batches of 8 over 32 samples: every sample seen (epoch 1 began)
+
+
+def test_online_views_depend_on_seed_epoch_and_sample_only():
+    data = _data()
+    model, loss_fn, make_epoch, step_fn = ssl._setup(data, _cfg("decomposable_online"))
+    torch.manual_seed(123)
+    v1, v2, idx = next(iter(make_epoch(0)))
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)                         # the caller's RNG is left alone
+    assert not torch.equal(v1, v2)                                   # two different views
+    # the same sample's views, drawn alone (another batch position, another rank), are the same
+    from contrastive_repro.data import TwoViewTransform
+
+    two = TwoViewTransform(ssl._train_transform(data, {}))
+    one = ssl._keyed_views(lambda k: two(data.train[k]), idx[3:4], _cfg("decomposable_online").seed, 0)
+    assert torch.equal(one[0][0], v1[3]) and torch.equal(one[1][0], v2[3])
+    w1, _, idx1 = next(iter(make_epoch(1)))                          # another epoch: other views
+    j = idx1.tolist().index(int(idx[0])) if int(idx[0]) in idx1.tolist() else None
+    if j is not None:
+        assert not torch.equal(w1[j], v1[0])
 
 
 def test_single_process_slices_are_whole_batches():

@@ -268,3 +268,103 @@ def test_one_batch_u_ratio_quantiles(problem):
     assert abs(no_noise["value"][2] - 1.0) < 0.1               # many negatives: Zhat ~ Z
     assert heavy["value"][2] > 2.0                               # < 1 effective negative: Zhat mostly tiny
     assert heavy["value"][4] - heavy["value"][0] > no_noise["value"][4] - no_noise["value"][0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the batched grid (notebook 01): hand-written gradient, pairing, equivalence test, table and claims
+# ---------------------------------------------------------------------------------------------------------------
+def test_grid_backward_equals_autograd(problem):
+    from contrastive_repro.synthetic import grid_backward, grid_forward
+
+    g0 = torch.Generator().manual_seed(3)
+    f, g = (torch.randn(4, problem.num_classes, problem.dim, generator=g0, dtype=torch.float64) for _ in range(2))
+    x, y = problem.sample_pairs(4, 12, g0)
+    log_w = noise_log_weights((4, 12, 12), 64.0, 5)
+    coef = torch.rand(4, 12, generator=g0, dtype=torch.float64) + 0.5
+    pos, log_zhat, cache = grid_forward(problem, f, g, x, y, log_w)
+    fa, ga = f.clone().requires_grad_(True), g.clone().requires_grad_(True)
+    pos_a, lz_a = minibatch_scores(problem, fa, ga, x, y, log_w)
+    torch.testing.assert_close(pos, pos_a.detach())
+    torch.testing.assert_close(log_zhat, lz_a.detach())
+    # d/dlogZhat of coef * logZhat is coef: the hand-written gradient must match autograd of that surrogate
+    total = (-pos_a + coef * lz_a).mean(dim=1).sum()
+    want = torch.autograd.grad(total, (fa, ga))
+    got = grid_backward(problem, cache, coef)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_train_grid_equals_train_run_and_splits_change_nothing(problem):
+    from contrastive_repro.synthetic import arm_kwargs, train_grid
+
+    seeds, kw = [0, 1], dict(steps=30, batch_size=12, lr=4.0, problem=problem, log_every=10)
+    configs = [("conventional", 0.0, 0.8), ("decomposable", 16.0, 0.5), ("oracle", 16.0, 0.8),
+               ("conventional", 16.0, 0.8), ("sampled", 16.0, 0.8)]
+    grid = train_grid(configs, seeds, **kw)
+    for arm, noise, m in configs[:4]:
+        loss, extra = arm_kwargs(arm)
+        ref = train_run(loss, noise, seed=seeds, momentum=m, **extra, **kw)
+        np.testing.assert_allclose(grid[(arm, noise, m)]["metric"], ref["metric"], rtol=0, atol=1e-10)
+    part = train_grid(configs[1:2], seeds, **kw)                     # one config alone: the same run
+    np.testing.assert_allclose(part[configs[1]]["metric"], grid[configs[1]]["metric"], rtol=0, atol=1e-12)
+    f32 = train_grid(configs[:1], seeds, dtype=torch.float32, **kw)
+    np.testing.assert_allclose(f32[configs[0]]["final_metric"], grid[configs[0]]["final_metric"], atol=1e-4)
+    with pytest.raises(ValueError, match="arm must be one of"):
+        train_grid([("nope", 0.0, 0.5)], seeds, **kw)
+    with pytest.raises(ValueError, match="momentum"):
+        train_grid([("decomposable", 0.0, 1.0)], seeds, **kw)
+
+
+def test_grid_study_processes_and_momentum_choice(problem):
+    from contrastive_repro.synthetic import choose_momentum_grid, grid_study, train_grid
+
+    kw = dict(steps=20, batch_size=12, lr=4.0, log_every=10)
+    configs = [("decomposable", 0.0, 0.5), ("decomposable", 16.0, 0.5), ("conventional", 16.0, 0.5)]
+    one = train_grid(configs, [0, 1], problem=make_problem(num_classes=16), **kw)
+    two = grid_study(configs, [0, 1], problem_kwargs=dict(num_classes=16), workers=2, **kw)
+    for c in configs:
+        np.testing.assert_allclose(two[c]["metric"], one[c]["metric"], rtol=0, atol=1e-12)
+    val = choose_momentum_grid([0.5, 0.9], 16.0, [7, 8], problem_kwargs=dict(num_classes=16), **kw)
+    assert val["chosen"] == min(val["scores"], key=val["scores"].get) and set(val["scores"]) == {0.5, 0.9}
+
+
+def test_equivalence_verdict_by_hand():
+    from contrastive_repro.synthetic import equivalence_verdict
+
+    a = np.array([0.002, 0.003, 0.002, 0.004])
+    v = equivalence_verdict(a, a + np.array([0.0001, -0.0001, 0.0002, 0.0]), 0.01)
+    assert v.verdict == "reproduced" and v.margin == 0.01 and -0.01 < v.ci_low < v.ci_high < 0.01
+    assert equivalence_verdict(a, a + np.array([0.05, 0.051, 0.049, 0.05]), 0.01).verdict == "opposite"
+    assert equivalence_verdict(a, a + np.array([0.0, 0.02, -0.01, 0.012]), 0.01).verdict == "inconclusive"
+    with pytest.raises(ValueError, match="margin"):
+        equivalence_verdict(a, a, 0.0)
+
+
+def test_study_table_and_claims():
+    from contrastive_repro.synthetic import study_claims, study_table
+
+    step = [0, 50, 100]
+    def curve(finals):
+        return {"step": step, "metric": [[0.5, f, f] for f in finals]}
+    near, far = [0.998, 0.997, 0.999, 0.998], [0.90, 0.91, 0.92, 0.90]
+    curves = {("conventional", 0.0): curve(near), ("decomposable", 0.0): curve([0.998, 0.998, 0.998, 0.997]),
+              ("oracle", 0.0): curve(near), ("conventional", 64.0): curve(far),
+              ("decomposable", 64.0): curve(near), ("oracle", 64.0): curve(near)}
+    rows = study_table(curves, ["conventional", "decomposable", "oracle"], [0.0, 64.0], tol=0.01, flat_tol=0.005,
+                       flat_frac=0.25, alpha=0.05)
+    by = {(r["arm"], r["noise"]): r for r in rows}
+    assert by[("decomposable", 0.0)]["test"] == "equivalence" and by[("decomposable", 0.0)]["verdict"] == "reproduced"
+    assert by[("decomposable", 64.0)]["test"] == "superiority" and by[("decomposable", 64.0)]["verdict"] == "reproduced"
+    assert by[("conventional", 64.0)]["within_tol"] == 0 and by[("decomposable", 64.0)]["within_tol"] == 4
+    claims, summary = study_claims(rows, tol=0.01, momentum=0.8, batch_size=8, steps=100, max_noise=64.0)
+    ids = [c["id"] for c in claims]
+    assert ids == ["dcl.synthetic.noise0.decomposable", "dcl.synthetic.noise64.decomposable",
+                   "dcl.synthetic.noise64.oracle"]
+    assert all(c["verdict"] == "reproduced" for c in claims)
+    assert any(s.get("paper_key") == "dcl.synthetic_heavy_decomposable_converged" for s in summary)
+    # an oracle outside tol on average makes the decomposable row uninformative
+    curves[("oracle", 64.0)] = curve(far)
+    rows = study_table(curves, ["conventional", "decomposable", "oracle"], [64.0], tol=0.01, flat_tol=0.005,
+                       flat_frac=0.25)
+    claims, _ = study_claims(rows, tol=0.01, momentum=0.8, batch_size=8, steps=100, max_noise=64.0)
+    assert claims[0]["verdict"] == "uninformative" and claims[0]["test_verdict"] == "reproduced"

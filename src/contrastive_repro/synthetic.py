@@ -89,6 +89,17 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(prev)
 
 
+@contextlib.contextmanager
+def _flush_denormal():
+    """Flush denormal floats to zero inside the block (arithmetic on them is tens of times slower); restored after."""
+    on = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_flush_denormal(False)
+
+
 @dataclass
 class SyntheticProblem:
     """``K`` classes on a Fourier torus; see the module docstring. Tensors are float64 on CPU."""
@@ -595,3 +606,292 @@ def arm_study(jobs: Sequence[tuple[str, float]], seeds: Sequence[int], *, proble
 
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
         return dict(pool.map(_arm_job, todo))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One batched computation for a whole grid of (arm, noise, momentum) x seeds (notebook 01's study)
+# ----------------------------------------------------------------------------------------------------------------
+def grid_forward(problem: SyntheticProblem, f: torch.Tensor, g: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                 log_w: torch.Tensor | None):
+    """:func:`minibatch_scores` for tables ``[R, K, d]`` without autograd, keeping what :func:`grid_backward`
+    needs. Returns ``pos, log_zhat`` (``[R, B]``) and the cache."""
+    nf, ng = f.norm(dim=-1, keepdim=True), g.norm(dim=-1, keepdim=True)
+    fn, gn = f / nf, g / ng
+    d = f.shape[-1]
+    fx = fn.gather(1, x.unsqueeze(-1).expand(-1, -1, d))
+    gy = gn.gather(1, y.unsqueeze(-1).expand(-1, -1, d))
+    a = torch.bmm(fx, gy.transpose(1, 2)).div_(problem.tau)          # [R, B, B]
+    pos = a.diagonal(dim1=1, dim2=2).clone()
+    if log_w is not None:
+        a.add_(log_w)
+    a.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    m = a.amax(dim=-1, keepdim=True)
+    # Terms more than `floor` below the row's largest are far below the sum's rounding error; clamping them keeps
+    # exp off its (tens of times slower) underflow path and the products off denormals, which heavy noise would
+    # otherwise hit for most entries.
+    floor = 30.0 if a.dtype == torch.float32 else 60.0
+    e = a.sub_(m).clamp_min_(-floor).exp_()
+    e.diagonal(dim1=1, dim2=2).zero_()
+    tot = e.sum(-1)
+    b = x.shape[1]
+    log_zhat = m.squeeze(-1) + tot.log() - math.log(b - 1)
+    return pos, log_zhat, (e, tot, fn, gn, nf, ng, fx, gy, x, y)
+
+
+def grid_backward(problem: SyntheticProblem, cache, coef: torch.Tensor):
+    """Gradients w.r.t. the tables of ``sum_runs mean_i[-pos_i + c_i(log Zhat_i)]`` given ``coef = dc/dlog Zhat``
+    (``[R, B]``: 1 for the conventional loss, ``u_i Zhat_i`` for the decomposable one). By hand: the logits'
+    gradient is ``(coef_i softmax_j - delta_ij) / B``, then the bilinear map, the gathers and the normalization."""
+    e, tot, fn, gn, nf, ng, fx, gy, x, y = cache
+    b, d = x.shape[1], fn.shape[-1]
+    gl = e.mul_((coef / (tot * b * problem.tau)).unsqueeze(-1))       # reuses the forward's buffer
+    gl.diagonal(dim1=1, dim2=2).fill_(-1.0 / (b * problem.tau))
+    dfx, dgy = torch.bmm(gl, gy), torch.bmm(gl.transpose(1, 2), fx)
+    dfn = torch.zeros_like(fn).scatter_add_(1, x.unsqueeze(-1).expand(-1, -1, d), dfx)
+    dgn = torch.zeros_like(gn).scatter_add_(1, y.unsqueeze(-1).expand(-1, -1, d), dgy)
+    df = (dfn - fn * (fn * dfn).sum(-1, keepdim=True)) / nf
+    dg = (dgn - gn * (gn * dgn).sum(-1, keepdim=True)) / ng
+    return df, dg
+
+
+def train_grid(configs: Sequence[tuple[str, float, float]], seeds: Sequence[int], steps: int = 3000,
+               batch_size: int = 64, lr: float = 16.0, *, problem: SyntheticProblem | None = None,
+               schedule: str = "cosine", log_every: int = 50, init_scale: float = 1.0, dtype=torch.float64,
+               num_threads: int | None = 1) -> dict:
+    """Train every ``(arm, noise, momentum)`` of ``configs`` (arms of :data:`ARMS`) on every seed in **one** batched
+    loop (``len(configs) * len(seeds)`` pairs of tables updated together; each run's gradient is its own, computed by
+    hand: :func:`grid_forward` / :func:`grid_backward`).
+
+    Pairing: every run with the same seed list starts from the same tables (:func:`init_params`) and sees the same
+    batches and, per noise level, the same noise weights (the streams of :func:`train_run`, one NumPy noise stream per
+    level). So the grid can be split into parts (e.g. by noise level, one process each) without changing any run,
+    and a non-sampling config gives the history of ``train_run(loss, noise, seed=seeds, momentum=m,
+    **ARMS[arm][1])`` to rounding. The ``sampled`` arm's Gamma draws come from
+    one torch stream for the whole grid. The momentum is ignored by ``conventional`` and ``oracle``. ``dtype``:
+    of the tables and batch computations (the metric is always float64).
+
+    Returns ``{(arm, noise, momentum): {"step", "metric" [S][T], "final_metric" [S], "seconds"}}`` (JSON-ready
+    lists; ``seconds`` is the whole grid's wall time).
+    """
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if batch_size < 2 or steps < 1:
+        raise ValueError("need batch_size >= 2 and steps >= 1")
+    configs = [(str(a), float(n), float(m)) for a, n, m in configs]
+    if not configs or len(set(configs)) != len(configs):
+        raise ValueError(f"configs must be non-empty and distinct, got {configs}")
+    for arm, noise, m in configs:
+        arm_kwargs(arm)
+        if noise < 0 or not 0.0 <= m < 1.0:
+            raise ValueError(f"need noise >= 0 and momentum in [0, 1): got noise {noise}, momentum {m} ({arm})")
+    problem = problem or make_problem()
+    seeds = [int(s) for s in seeds]
+    t0 = time.perf_counter()
+    n_c, n_s, k, b = len(configs), len(seeds), problem.num_classes, batch_size
+    f0, g0 = init_params(problem, seeds, init_scale)
+    f = f0.repeat(n_c, 1, 1).to(dtype)                               # run r = config r // S, seed r % S
+    g = g0.repeat(n_c, 1, 1).to(dtype)
+    arm_of = [ARMS[a] for a, _, _ in configs]
+
+    def per_run(v):
+        return torch.tensor(v, dtype=dtype).repeat_interleave(n_s).unsqueeze(1)
+
+    is_conv = per_run([lo == "infonce" for lo, _ in arm_of]).bool()
+    is_exact = per_run([kw.get("z_estimate") == "exact" for _, kw in arm_of]).bool()
+    is_sample = per_run([kw.get("e_step") == "sample" for _, kw in arm_of]).bool()
+    log_m = per_run([m for _, _, m in configs]).log()
+    log_1m = per_run([1.0 - m for _, _, m in configs]).log()
+    levels = sorted({n for _, n, _ in configs})
+    level_of = torch.tensor([levels.index(n) for _, n, _ in configs])
+    stream_seed = int(np.random.SeedSequence(seeds).generate_state(1)[0])
+    data_gen = torch.Generator().manual_seed(stream_seed)
+    noise_rngs = {n: np.random.default_rng(stream_seed) for n in levels}
+    sample_gen = torch.Generator().manual_seed(stream_seed + 2)
+    log_zbar = torch.zeros(n_c * n_s, k, dtype=dtype)
+    seen = torch.zeros(n_c * n_s, k, dtype=torch.bool)
+    any_exact, any_running = bool(is_exact.any()), bool((~is_exact & ~is_conv).any())
+    hist_step, hist_metric = [], []
+
+    def log(t):
+        hist_step.append(t)
+        hist_metric.append(problem.metric(f, g))
+
+    with _torch_threads(num_threads), torch.no_grad(), _flush_denormal():
+        log(0)
+        for t in range(steps):
+            x, y = problem.sample_pairs(n_s, b, data_gen)
+            if levels == [0.0]:
+                log_w = None
+            else:
+                lw = torch.stack([noise_log_weights((n_s, b, b), n, noise_rngs[n]).to(dtype) if n > 0
+                                  else torch.zeros(n_s, b, b, dtype=dtype) for n in levels])
+                log_w = lw[level_of].reshape(n_c * n_s, b, b)
+            xr, yr = x.repeat(n_c, 1), y.repeat(n_c, 1)
+            pos, log_zhat, cache = grid_forward(problem, f, g, xr, yr, log_w)
+            log_z_x = torch.zeros_like(log_zhat)
+            if any_running:
+                fresh, present = _class_mean_log(log_zhat, xr, k)
+                upd = torch.logaddexp(log_zbar + log_m, fresh + log_1m)
+                log_zbar = torch.where(present, torch.where(seen, upd, fresh), log_zbar)
+                seen = seen | present
+                log_z_x = log_zbar.gather(1, xr)
+            if any_exact:
+                log_exact = torch.logsumexp(problem.scores(f, g), dim=-1) - math.log(k)
+                log_z_x = torch.where(is_exact, log_exact.gather(1, xr), log_z_x)
+            log_u = -log_z_x
+            if bool(is_sample.any()):
+                e = torch.empty_like(log_z_x).exponential_(generator=sample_gen)     # Gamma(1, 1)
+                log_u = torch.where(is_sample, log_u + e.log(), log_u)
+            coef = torch.where(is_conv, torch.ones_like(log_u), torch.exp(log_u + log_zhat))
+            gf, gg = grid_backward(problem, cache, coef)
+            step_lr = lr * 0.5 * (1.0 + math.cos(math.pi * t / steps)) if schedule == "cosine" else lr
+            f -= step_lr * gf
+            g -= step_lr * gg
+            if (t + 1) % log_every == 0 or t + 1 == steps:
+                log(t + 1)
+                check_finite(hist_metric[-1], "synthetic grid metric")
+    metric = torch.stack(hist_metric, dim=1).reshape(n_c, n_s, -1).numpy()
+    seconds = time.perf_counter() - t0
+    return {c: {"step": list(map(int, hist_step)), "metric": metric[i].tolist(),
+                "final_metric": metric[i, :, -1].tolist(), "seconds": seconds} for i, c in enumerate(configs)}
+
+
+def _grid_job(args):
+    configs, seeds, kwargs, problem_kwargs = args
+    dtype = {"float32": torch.float32, "float64": torch.float64}[kwargs.pop("dtype", "float64")]
+    return train_grid(configs, seeds, problem=make_problem(**problem_kwargs), dtype=dtype, **kwargs)
+
+
+def grid_study(configs: Sequence[tuple[str, float, float]], seeds: Sequence[int], *,
+               problem_kwargs: dict | None = None, workers: int = 1, dtype: str = "float64", **train_kwargs) -> dict:
+    """:func:`train_grid` for ``configs``, split into ``workers`` processes by noise level (or by config when there
+    are fewer levels than workers). The split changes no run except the ``sampled`` arm's Gamma draws: the batches
+    and noise depend on the seeds and the noise level only. ``dtype``: ``"float32"`` or ``"float64"``.
+    Returns ``{(arm, noise, momentum): history}``."""
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    configs = [(str(a), float(n), float(m)) for a, n, m in configs]
+    levels = sorted({n for _, n, _ in configs}, reverse=True)        # heaviest noise first: the costliest draws
+    w = max(1, int(workers))
+    if len(levels) >= w:                                               # by noise level
+        parts = [[c for c in configs if c[1] in levels[i::w]] for i in range(w)]
+    else:                                                              # fewer levels than workers: by config
+        parts = [configs[i::w] for i in range(w)]
+    jobs = [(p, [int(s) for s in seeds], dict(train_kwargs, dtype=dtype), dict(problem_kwargs or {}))
+            for p in parts if p]
+    if len(jobs) <= 1:
+        return _grid_job(jobs[0])
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    out = {}
+    with cf.ProcessPoolExecutor(max_workers=len(jobs), mp_context=mp.get_context("spawn")) as pool:
+        for r in pool.map(_grid_job, jobs):
+            out |= r
+    return out
+
+
+def choose_momentum_grid(candidates: Sequence[float], noise: float, seeds: Sequence[int], **grid_kwargs) -> dict:
+    """:func:`choose_momentum` on one batched grid: the candidate whose decomposable runs on the validation
+    ``seeds`` end closest to 1.0 on average (ties: the first). Returns ``{"chosen", "scores"}``."""
+    if not candidates:
+        raise ValueError("choose_momentum_grid needs at least one candidate")
+    for m in candidates:
+        if not 0.0 <= float(m) < 1.0:
+            raise ValueError(f"momentum candidates must be in [0, 1), got {m!r}")
+    r = grid_study([("decomposable", float(noise), float(m)) for m in candidates], seeds, **grid_kwargs)
+    scores = {float(m): float(distance_from_optimum(r[("decomposable", float(noise), float(m))]["final_metric"])
+                              .mean()) for m in candidates}
+    return {"chosen": min(scores, key=scores.get), "scores": scores}
+
+
+def equivalence_verdict(a, b, margin: float, alpha: float = 0.05):
+    """Paired equivalence of ``b`` and ``a`` within ``margin``: ``reproduced`` when the ``1 - alpha`` interval of
+    ``mean(b - a)`` lies inside ``(-margin, margin)`` (two one-sided tests, each at ``alpha / 2``: conservative),
+    ``opposite`` when it lies entirely outside (beyond ``+margin`` or below ``-margin``), ``inconclusive`` otherwise.
+    A :class:`~contrastive_repro.stats.PairedVerdict` (``margin`` recorded, ``direction`` +1)."""
+    import dataclasses
+
+    from .stats import paired_verdict
+
+    if not (margin > 0 and math.isfinite(margin)):
+        raise ValueError(f"margin must be a finite number > 0, got {margin!r}")
+    v = paired_verdict(a, b, direction=+1, alpha=alpha)
+    if -margin < v.ci_low and v.ci_high < margin:
+        verdict = "reproduced"
+    elif v.ci_low >= margin or v.ci_high <= -margin:
+        verdict = "opposite"
+    else:
+        verdict = "inconclusive"
+    return dataclasses.replace(v, margin=float(margin), verdict=verdict)
+
+
+def study_table(curves: dict, arms: Sequence[str], noise_levels: Sequence[float], *, tol: float, flat_tol: float,
+                flat_frac: float, alpha: float = 0.05) -> list[dict]:
+    """Per noise level and arm: runs within ``tol``, mean / median distance from 1.0, the largest change over the
+    last ``flat_frac`` of the steps, ``flat``, and the paired test against ``conventional`` on the per-seed
+    distance from 1.0 -- at noise 0 an equivalence test within ``tol`` (the claim there: both reach the optimum),
+    above it a superiority test (the arm closer to 1.0). ``curves[(arm, noise)]``: ``{"step", "metric"}``.
+    Rows carry the :class:`PairedVerdict` under ``"pv"`` (``None`` for the reference)."""
+    rows = []
+    for noise in noise_levels:
+        finals = {a: np.asarray(curves[(a, noise)]["metric"])[:, -1] for a in arms}
+        for r in arm_summary(finals, tol, alpha=alpha):
+            c = curves[(r["arm"], noise)]
+            change = curve_change(np.asarray(c["metric"]), np.asarray(c["step"]), flat_frac)
+            v = r.pop("verdict")
+            if v is not None and noise == 0:
+                v = equivalence_verdict(distance_from_optimum(finals["conventional"]),
+                                        distance_from_optimum(finals[r["arm"]]), tol, alpha)
+            rows.append(r | {"noise": float(noise), "test": None if v is None else
+                             ("equivalence" if noise == 0 else "superiority"),
+                             "max_change_last": float(change.max()), "flat": bool(change.max() <= flat_tol),
+                             "pv": v, "effect": None if v is None else v.effect,
+                             "ci_low": None if v is None else v.ci_low, "ci_high": None if v is None else v.ci_high,
+                             "verdict": None if v is None else v.verdict})
+    return rows
+
+
+def study_claims(rows: Sequence[dict], *, tol: float, momentum: float, batch_size: int, steps: int,
+                 max_noise: float) -> tuple[list[dict], list[dict]]:
+    """Claim rows (``decomposable`` and, above noise 0, ``oracle`` vs conventional; the oracle's mean distance
+    within ``tol`` is the gate of the decomposable row) and summary rows, from :func:`study_table` rows."""
+    from reproduce.claims import claim_row
+
+    from .stats import gate
+
+    claims, summary = [], []
+    for noise in sorted({r["noise"] for r in rows}):
+        t = {r["arm"]: r for r in rows if r["noise"] == noise}
+        conv = t["conventional"]
+        gates = [gate(t["oracle"]["mean_distance"], {"tolerance tol": tol}, higher_is_better=False)] \
+            if "oracle" in t else []
+        for arm in [a for a in t if a in ("decomposable", "oracle") and not (a == "oracle" and noise == 0)]:
+            r = t[arm]
+            flat = "flat" if r["flat"] and conv["flat"] else "NOT flat (budget too short)"
+            note = (f"within {tol} of 1.0: {arm} {r['within_tol']}/{r['runs']}, conventional "
+                    f"{conv['within_tol']}/{r['runs']}; mean distance {arm} {r['mean_distance']:.4f}, conventional "
+                    f"{conv['mean_distance']:.4f}; curves {flat}; momentum {momentum} (validation); B={batch_size}, "
+                    f"{steps} steps; our generator and metric (the paper's are not public)")
+            if noise == 0:
+                claim, metric = ("without noise both losses reach the optimum",
+                                 f"distance from 1.0 (arm - conv.), equivalence within {tol}")
+            elif arm == "decomposable":
+                claim, metric = ("decomposable reaches the optimum where conventional does not",
+                                 "distance from 1.0 (arm - conv.)")
+            else:
+                claim, metric = "reference: exact u = 1/Z (oracle) vs conventional", "distance from 1.0 (arm - conv.)"
+            claims.append(claim_row(f"dcl.synthetic.noise{noise:g}.{arm}", "dcl", claim,
+                                    f"synthetic noise {noise:g}, {r['runs']} paired inits, B={batch_size}", metric,
+                                    r["pv"], gates=gates if arm == "decomposable" else [], note=note))
+        for arm, r in t.items():
+            key = {"conventional": "dcl.synthetic_heavy_conventional_converged",
+                   "decomposable": "dcl.synthetic_heavy_decomposable_converged"}.get(arm)
+            exp = f"synthetic, noise {noise:g}, B={batch_size}"
+            summary.append({"experiment": exp, "metric": f"{arm}: runs within {tol} of 1.0",
+                            "value": float(r["within_tol"]), "n": int(r["runs"]),
+                            "note": "our generator and metric (the paper's are not public)"}
+                           | ({"paper_key": key} if key and noise == max_noise else {}))
+            summary.append({"experiment": exp, "metric": f"{arm}: mean distance from 1.0",
+                            "value": float(r["mean_distance"]), "n": int(r["runs"])})
+    return claims, summary

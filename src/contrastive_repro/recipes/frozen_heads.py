@@ -288,16 +288,20 @@ def non_inferior_batch(results: dict, batch_sizes: Sequence[int], arm: str, refe
     ``results[(arm, B)]`` are per-seed readouts (same seeds, same order). ``direction`` +1 when higher is better.
     Returns ``{"batch": smallest B with verdict reproduced (None if none), "verdicts": {B: PairedVerdict}}``; the
     scan runs over all batch sizes, and the smallest B is reported only if every larger B also passes
-    (a monotone reading: an isolated pass below a failure is not counted)."""
+    (a monotone reading: an isolated pass below a failure is not counted). A cell missing from ``results`` (e.g.
+    one that did not converge) gets verdict ``None`` and stops the scan like a failure; a missing reference gives
+    ``None`` everywhere."""
     from ..stats import paired_verdict
 
     bs = sorted(int(b) for b in batch_sizes)
+    if (reference, bs[-1]) not in results:                          # the reference itself is not usable
+        return {"batch": None, "verdicts": {b: None for b in bs}}
     ref = results[(reference, bs[-1])]
     verdicts = {b: paired_verdict(ref, results[(arm, b)], direction=direction, alpha=alpha, margin=margin)
-                for b in bs}
+                if (arm, b) in results else None for b in bs}
     smallest = None
     for b in reversed(bs):
-        if verdicts[b].verdict != "reproduced":
+        if verdicts[b] is None or verdicts[b].verdict != "reproduced":
             break
         smallest = b
     return {"batch": smallest, "verdicts": verdicts}
@@ -548,3 +552,170 @@ def choose_momentum(candidates: Sequence[float], pool: dict, n_test: int, seeds:
                             steps=steps, seeds=seeds, momentum=float(m), eval_at=[steps], **kw)
         scores[float(m)] = float(np.mean(r["eval"][steps]["objective"]))
     return {"chosen": min(scores, key=scores.get), "scores": scores}
+
+
+# ------------------------------------------------------------------ every arm at once, trained to convergence
+def _doubling_schedule(start: int, cap: int) -> list[int]:
+    """Readout steps ``start/2, start, 2 start, 4 start, ...`` up to ``cap`` (``cap`` included when the doubling
+    lands past it)."""
+    if start < 2 or cap < start:
+        raise ValueError(f"need 2 <= start <= cap, got start={start}, cap={cap}")
+    out, t = [start // 2], start
+    while t < cap:
+        out.append(t)
+        t *= 2
+    out.append(min(t, cap))
+    return sorted(set(out))
+
+
+def train_ssl_heads_converged(arms: Sequence[str], views: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                              train_idx: torch.Tensor, test_idx: torch.Tensor, *, batch_size: int,
+                              start_steps: int, max_steps: int, tol_objective: float, tol_probe: float,
+                              seeds: Sequence[int], proj_dim: int = 64, tau: float = 0.2, lr: float = 1e-2,
+                              lr_decay_steps: float = 100.0, momentum: float = 0.9,
+                              probe_lams: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1)) -> dict:
+    """Train every arm of ``arms`` at one batch size in one batched loop (heads ``[A, S, D, p]``; every arm sees the
+    batches and views of :func:`train_ssl_heads` for the same seeds, so a non-sampling arm's run is the same run),
+    doubling the steps until each arm has **converged**: readouts at ``start/2, start, 2 start, ...`` and an arm
+    converges at the first ``T >= start`` where ``mean_seeds |r(T) - r(T/2)| <= tol`` for both readouts (the step
+    size does not depend on the run's length, so ``T/2`` is the same run's prefix). Training stops when every arm has
+    converged or at ``max_steps``; an arm that has not converged by then is ``capped`` (its last readout is kept
+    but must not be used as converged).
+
+    Returns ``{"arms": {arm: {"converged": bool, "steps": T used, "d_objective", "d_probe", "readout": {objective,
+    probe, probe_lam} at T}}, "eval": {step: {arm: readout}}, "steps_run", "seconds"}`` (JSON-ready)."""
+    arms = [str(a) for a in arms]
+    for a in arms:
+        if a not in SSL_ARMS:
+            raise ValueError(f"arm must be one of {SSL_ARMS}, got {a!r}")
+    if not arms or len(set(arms)) != len(arms):
+        raise ValueError(f"arms must be non-empty and distinct, got {arms}")
+    if not (tol_objective > 0 and tol_probe > 0):
+        raise ValueError(f"tolerances must be > 0, got {tol_objective}, {tol_probe}")
+    p_n, k, d = views.shape
+    seeds = [int(s) for s in seeds]
+    s_n, n, a_n = len(seeds), train_idx.shape[1], len(arms)
+    if k < 2 or not 2 <= batch_size <= n:
+        raise ValueError(f"need >= 2 views and batch_size in [2, {n}], got {k} views, batch_size={batch_size}")
+    sched = _doubling_schedule(int(start_steps), int(max_steps))
+    gens = [torch.Generator().manual_seed(1000 + s) for s in seeds]
+    w = _init_heads(seeds, d, proj_dim).unsqueeze(0).repeat(a_n, 1, 1, 1)       # [A, S, D, p]
+    log_z = torch.zeros(a_n, s_n, 2, p_n)
+    seen = torch.zeros(a_n, s_n, 2, p_n, dtype=torch.bool)
+    state: dict = {}
+    evals, done, t0 = {}, {}, time.perf_counter()
+    eye = torch.eye(batch_size, dtype=torch.bool)
+    log_b1 = math.log(batch_size - 1)
+    t = 0
+    with torch.random.fork_rng(devices=[]):                                   # e_step "sample": global RNG
+        torch.manual_seed(seeds[0] + 7)
+        for t in range(1, sched[-1] + 1):
+            pos = torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens])         # [S, B]
+            idx = train_idx.gather(1, pos)
+            v1 = torch.stack([torch.randint(0, k, (batch_size,), generator=g) for g in gens])
+            v2 = torch.stack([torch.randint(0, k - 1, (batch_size,), generator=g) for g in gens])
+            v2 = v2 + (v2 >= v1).long()
+            x1, x2 = views[idx, v1], views[idx, v2]                                                # [S, B, D]
+            g = _heads_grad(w, x1, x2, arms, tau, eye, log_b1,
+                            lambda i, j, lz: _e_step(lz, log_z[i, :, j], seen[i, :, j], idx, momentum,
+                                                     "mean" if arms[i] == "decomposable" else "sample"))
+            with torch.no_grad():
+                _adam([w], [g], state, lr * lr_decay_steps / (lr_decay_steps + t - 1), t)
+            if t in sched:
+                evals[t] = {arm: _readout(w[i], views, x, y, train_idx, test_idx, tau, probe_lams)
+                            for i, arm in enumerate(arms) if arm not in done}
+                half = [s for s in sched if s < t]
+                if t >= start_steps and half:
+                    prev = evals[half[-1]]
+                    for arm in list(evals[t]):
+                        d_o = float(np.mean(np.abs(np.subtract(evals[t][arm]["objective"], prev[arm]["objective"]))))
+                        d_p = float(np.mean(np.abs(np.subtract(evals[t][arm]["probe"], prev[arm]["probe"]))))
+                        ok = d_o <= tol_objective and d_p <= tol_probe
+                        if ok or t == sched[-1]:
+                            done[arm] = {"converged": ok, "steps": t, "d_objective": d_o, "d_probe": d_p,
+                                         "readout": evals[t][arm]}
+                if len(done) == a_n:
+                    break
+    return {"arms": {a: done[a] for a in arms}, "eval": {str(s): v for s, v in evals.items()}, "steps_run": t,
+            "batch_size": int(batch_size), "seeds": seeds, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+@torch.no_grad()
+def _heads_grad(w, x1, x2, arms, tau, eye, log_b1, e_step):
+    """Gradient w.r.t. the heads ``w`` ``[A, S, D, p]`` of ``sum_{arms, seeds}`` of each arm's symmetric batch loss
+    (:func:`pair_losses` in both directions, halved, mean over anchors), by hand. ``e_step(arm_index, direction,
+    log_zhat)`` returns the arm's ``log u`` (and updates its running state). Rows: anchors of view 1 against
+    candidates of view 2 (direction 0); columns: the other direction (1). Per direction and anchor, the loss
+    depends on the logits through ``log Zhat`` (coefficient ``c``: 1 for the control, ``u Zhat`` for the
+    decomposable arms, ``sigmoid(log(sum_neg) - s_ii)`` for the conventional one) and the positive."""
+    h1, h2 = x1 @ w, x2 @ w                                                    # [A, S, B, p]
+    n1, n2 = h1.norm(dim=-1, keepdim=True), h2.norm(dim=-1, keepdim=True)
+    z1, z2 = h1 / n1, h2 / n2
+    logits = z1 @ z2.transpose(-1, -2) / tau                                   # [A, S, B, B]
+    pos = logits.diagonal(dim1=-2, dim2=-1).clone()
+    off = logits.masked_fill_(eye, float("-inf"))
+    lse = [torch.logsumexp(off, dim=-1), torch.logsumexp(off, dim=-2)]        # rows, columns
+    coef = [torch.empty_like(pos), torch.empty_like(pos)]
+    dpos = torch.zeros_like(pos)
+    for i, arm in enumerate(arms):
+        for j in (0, 1):
+            if arm == "conventional":
+                sig = torch.sigmoid(lse[j][i] - pos[i])
+                coef[j][i], dpos[i] = sig, dpos[i] - sig
+            elif arm == "control":
+                coef[j][i], dpos[i] = 1.0, dpos[i] - 1.0
+            else:
+                lz = lse[j][i] - log_b1
+                coef[j][i], dpos[i] = torch.exp(e_step(i, j, lz) + lz), dpos[i] - 1.0
+    b = pos.shape[-1]
+    scale = 0.5 / b
+    p_r = torch.exp(off - lse[0].unsqueeze(-1)).mul_((coef[0] * scale).unsqueeze(-1))
+    p_r.add_(torch.exp(off - lse[1].unsqueeze(-2)).mul_((coef[1] * scale).unsqueeze(-2)))
+    dl = p_r
+    dl.diagonal(dim1=-2, dim2=-1).copy_(dpos * scale)
+    dl.div_(tau)
+    dz1, dz2 = dl @ z2, dl.transpose(-1, -2) @ z1
+    dh1 = (dz1 - z1 * (z1 * dz1).sum(-1, keepdim=True)) / n1
+    dh2 = (dz2 - z2 * (z2 * dz2).sum(-1, keepdim=True)) / n2
+    return x1.transpose(-1, -2) @ dh1 + x2.transpose(-1, -2) @ dh2           # [A, S, D, p]
+
+
+def _converged_job(args):
+    arms, b, pool, train_idx, test_idx, kw = args
+    torch.set_num_threads(1)
+    return b, train_ssl_heads_converged(arms, pool["views"], pool["x"], pool["y"], train_idx, test_idx,
+                                        batch_size=b, **kw)
+
+
+def converged_sweep(arms: Sequence[str], batch_sizes: Sequence[int], pool: dict, train_idx, test_idx, *,
+                    steps_at_largest: int, max_factor: int, workers: int = 1, on_result=None, **kw) -> dict:
+    """:func:`train_ssl_heads_converged` at every batch size (all arms at once), starting at
+    ``T(B) = steps_for_batch(B, max(batch_sizes), steps_at_largest)`` and capped at ``max_factor * T(B)``;
+    ``{B: result}``. ``workers > 1``: that many processes, the longest jobs first. ``on_result(B, result)`` is
+    called as each finishes (to store it)."""
+    if max_factor < 1:
+        raise ValueError(f"max_factor must be >= 1, got {max_factor}")
+    bs = sorted(int(b) for b in batch_sizes)
+    todo = []
+    for b in bs:
+        t = steps_for_batch(b, bs[-1], steps_at_largest)
+        todo.append((list(arms), b, pool, train_idx, test_idx, dict(kw, start_steps=t, max_steps=max_factor * t)))
+    todo.sort(key=lambda j: -j[-1]["start_steps"])
+    out = {}
+
+    def done(b, r):
+        out[b] = r
+        if on_result is not None:
+            on_result(b, r)
+
+    if workers <= 1 or len(todo) <= 1:
+        for j in todo:
+            done(*_converged_job(j))
+        return out
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as ex:
+        for fut in cf.as_completed([ex.submit(_converged_job, j) for j in todo]):
+            done(*fut.result())
+    return out

@@ -72,7 +72,9 @@ batch (``tests/test_recipes_ssl_distributed.py``: loss, gradients and decomposab
 The decomposable loss's per-sample state replicas are merged (``sync_state``) when every epoch opens, before
 checkpoints and at the end. Exceptions: BatchNorm (the encoder's ``norm="batch"``, the head's) is converted to
 ``SyncBatchNorm`` on CUDA and normalizes per rank on CPU (a warning says so); ``view_mode="online"`` draws each
-rank's views from that rank's RNG. Every rank evaluates the same model; write results on rank 0.
+sample's two views under an RNG seeded by (seed, epoch, sample index) (:func:`view_seed`), so they do not depend on
+the rank, the DataLoader worker or the batch position (2 gloo ranks = one process, also online). Every rank
+evaluates the same model; write results on rank 0.
 
 Paper-scale data: ``load_ssl_data("image_folder")`` reads ImageNet-style folders under ``DATA_ROOT`` and raises
 :class:`~contrastive_repro.data.DatasetNotFoundError` naming ``DATA_ROOT`` when they are absent.
@@ -423,9 +425,48 @@ def _online_tensor_epoch(data: SSLData, cfg: SSLConfig):
     def make_epoch(epoch: int, offset: int = 0):
         for idx in epoch_index_batches(len(data.train), bl, epoch=epoch, seed=cfg.seed, rank=rank,
                                        world_size=world)[offset:]:
-            v1, v2 = two(data.train[idx])     # global RNG (per rank): checkpointed, so a resumed run draws the same
+            v1, v2 = _keyed_views(lambda k: two(data.train[k]), idx, cfg.seed, epoch)
             yield v1, v2, idx
     return make_epoch
+
+
+def view_seed(seed: int, epoch: int, index: int) -> int:
+    """The RNG seed of sample ``index``'s two views in ``epoch``: the views depend on (seed, epoch, sample) only, not
+    on which rank, worker or batch position draws them, so ``W`` ranks see the views of one process."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7_919_993 + int(index) * 104_729 + 4_242) % (2 ** 62)
+
+
+def _keyed_views(draw, idx, seed: int, epoch: int):
+    """``draw(i) -> (view1, view2)`` for every sample ``i`` of ``idx``, each under the global RNG seeded with
+    :func:`view_seed` (the caller's RNG state is restored); stacked ``[B, ...]`` each."""
+    state = torch.get_rng_state()
+    try:
+        pairs = []
+        for i in torch.as_tensor(idx).tolist():
+            torch.manual_seed(view_seed(seed, epoch, i))
+            pairs.append(draw(i))
+    finally:
+        torch.set_rng_state(state)
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+class _KeyedTwoViews:
+    """``ds[i] -> (view1, view2, i)`` of a :class:`TwoViewDataset` with the views drawn under :func:`view_seed`
+    (the same in any worker or rank)."""
+
+    def __init__(self, ds, seed: int, epoch: int):
+        self.ds, self.seed, self.epoch = ds, int(seed), int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        state = torch.get_rng_state()
+        try:
+            torch.manual_seed(view_seed(self.seed, self.epoch, int(i)))
+            return self.ds[i]
+        finally:
+            torch.set_rng_state(state)
 
 
 def _online_dataset_epoch(data: SSLData, cfg: SSLConfig):
@@ -440,7 +481,8 @@ def _online_dataset_epoch(data: SSLData, cfg: SSLConfig):
     def make_epoch(epoch: int, offset: int = 0):
         batches = [b.tolist() for b in epoch_index_batches(len(ds), bl, epoch=epoch, seed=cfg.seed, rank=rank,
                                                            world_size=world)]
-        loader = DataLoader(ds, batch_sampler=batches[offset:], num_workers=cfg.num_workers,
+        loader = DataLoader(_KeyedTwoViews(ds, cfg.seed, epoch), batch_sampler=batches[offset:],
+                            num_workers=cfg.num_workers,
                             worker_init_fn=_WorkerSeed(cfg.seed, epoch, offset, rank), persistent_workers=False)
         for v1, v2, idx in loader:
             yield v1, v2, idx
