@@ -15,6 +15,9 @@ experiment needs and the ground truth to check it:
 * ``ve`` -- SNLI-VE-style (scene, hypothesis, label) with labels entailment / neutral / contradiction; a *neutral*
   hypothesis states a property that is never rendered and never captioned (material, weight, temperature,
   wetness, fragility of an object that is in the image), so the image can neither confirm nor refute it;
+* ``balanced=True`` (:class:`WorldConfig`): every task needs the image -- VE is two-way and VE / NLVR labels are
+  balanced true / false per exact text, VQA answers per question (counts, existence) or per question type, so a
+  model that reads only the text is at chance (:func:`balance_by_key`; notebook 05);
 * :class:`Vocab` -- a tiny word-level tokenizer; :func:`world_vocab` covers every word the generator can emit.
 
 Geometry: the image is split into a ``grid x grid`` lattice of cells; each object occupies its own cell (so objects
