@@ -262,8 +262,8 @@ def _predict(model, head, data, task, idx, image_blind, batch=512):
 def finetune(model: FeatureFusion, data: FusionData, task: str, train_idx, val_idx, test_idx, cfg: FusionConfig,
              seed: int, image_blind: bool = False) -> dict:
     """Fine-tune ``model`` (in place) with a fresh task head; returns ``{"val", "test", "best_step",
-    "test_pred"}`` at the best validation step (checked every ``cfg.eval_every`` steps); ``test_idx`` None: no
-    test scores (a validation-only run, e.g. a weight sweep)."""
+    "test_pred"}`` at the best validation step (checked every ``cfg.eval_every`` steps; ``model`` is left in that
+    state); ``test_idx`` None: no test scores (a validation-only run, e.g. a weight sweep)."""
     torch.manual_seed(seed + 3)
     head = _TaskHead(model.width, data.n_classes[task], task == "nlvr")
     opt = _opt(list(model.parameters()) + list(head.parameters()), cfg.finetune_lr, cfg.weight_decay)
@@ -275,11 +275,9 @@ def finetune(model: FeatureFusion, data: FusionData, task: str, train_idx, val_i
     for step in range(cfg.finetune_steps + 1):
         if step % cfg.eval_every == 0 or step == cfg.finetune_steps:
             acc = float((_predict(model, head, data, task, val_idx, image_blind) == y[val_idx]).float().mean())
-            if acc > best["val"]:
+            if acc > best["val"]:  # keep the state; the test set is scored once, at the best state, at the end
                 best = {"val": acc, "best_step": step}
-                if test_idx is not None:
-                    pred = _predict(model, head, data, task, test_idx, image_blind)
-                    best.update(test=float((pred == y[test_idx]).float().mean()), test_pred=pred.tolist())
+                state = (copy.deepcopy(model.state_dict()), copy.deepcopy(head.state_dict()))
         if step == cfg.finetune_steps:
             break
         _cosine(opt, step, cfg.finetune_steps, cfg.finetune_lr)
@@ -289,6 +287,10 @@ def finetune(model: FeatureFusion, data: FusionData, task: str, train_idx, val_i
         loss.backward()
         nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
         opt.step()
+    if test_idx is not None:
+        model.load_state_dict(state[0]), head.load_state_dict(state[1])
+        pred = _predict(model, head, data, task, test_idx, image_blind)
+        best.update(test=float((pred == y[test_idx]).float().mean()), test_pred=pred.tolist())
     return best
 
 
