@@ -159,7 +159,9 @@ class WorldConfig:
     a *neutral* hypothesis is recognisable from its words alone, so there are none), VQA answers are balanced per
     question text for the questions without a referring expression (counts, existence) and per question type for
     the others (answers of a type occurring less than ``min_share`` x as often as its most common one are dropped).
-    The item counts then vary: about ``oversample x per_scene x`` the kept fraction per scene.
+    The item counts then vary: about ``oversample x per_scene x`` the kept fraction per scene. The balance holds over
+    all scenes, so on one split of them a text's labels lean slightly the other way than on the rest: a rule that
+    memorises labels per text is a little *below* chance on held-out scenes (tests/test_world.py).
     """
 
     image_size: int = 32
