@@ -400,3 +400,74 @@ def test_vocab_covers_world_and_roundtrips(world, world3):
     assert again.itos == vocab.itos
     built = Vocab.build(["b a", "a c"], min_freq=2)
     assert built.itos[4:] == ["a"]
+
+
+# ------------------------------------------------------------------------------------------------ balanced world
+def test_balance_by_key_by_hand():
+    from contrastive_repro.data.world import balance_by_key
+
+    keys = ["a", "a", "a", "a", "a", "b", "b", "c", "c", "c"]
+    labels = [0, 0, 0, 1, 1, 0, 0, 0, 1, 2]
+    rng = np.random.default_rng(0)
+    # binary label set: "a" keeps 2 zeros + both ones, "b" lacks label 1 (dropped), "c" keeps one 0 and one 1
+    keep = balance_by_key(keys, labels, rng, label_set=(0, 1))
+    assert [i for i in keep if keys[i] == "a" and labels[i] == 1] == [3, 4]
+    assert sum(1 for i in keep if keys[i] == "a" and labels[i] == 0) == 2
+    assert {i for i in keep if keys[i] != "a"} == {7, 8}
+    # no label set: labels with >= min_share x the top count; "c" keeps 0, 1 and 2 once each; "b" has one label
+    keep = balance_by_key(keys, labels, rng, min_share=0.0)
+    assert {i for i in keep if keys[i] == "c"} == {7, 8, 9} and not any(keys[i] == "b" for i in keep)
+    # min_share 0.7 in "a": label 1 (2 items) < 0.7 x 3 -> only label 0 left -> "a" dropped
+    keep = balance_by_key(keys, labels, rng, min_share=0.7)
+    assert not any(keys[i] == "a" for i in keep)
+    assert keep == sorted(keep)
+    with pytest.raises(ValueError, match="length"):
+        balance_by_key(["a"], [0, 1], rng)
+
+
+@pytest.fixture(scope="module")
+def bworld() -> World:
+    return generate_world(500, seed=7, balanced=True, nlvr_per_scene=2)
+
+
+def test_balanced_world_labels_are_correct(bworld):
+    w = bworld
+    assert w.ve_label_names == ("entailment", "contradiction")
+    for i, h, y in w.ve:
+        assert ve_label(w.scene_attrs[i], h) == w.ve_label_names[y], (h, w.scene_attrs[i])
+    for a, b, s, y in w.nlvr:
+        assert nlvr_truth(w.scene_attrs[a], w.scene_attrs[b], s) == y, s
+    for (i, q, a), typ in zip(w.vqa, w.vqa_types):
+        assert w.answer_vocab[a] == vqa_answer(w.scene_attrs[i], q), (q, w.scene_attrs[i])
+    # the images and scenes are those of the unbalanced world of the same seed (only the items change)
+    plain = generate_world(500, seed=7)
+    assert torch.equal(plain.images, w.images) and plain.captions == w.captions
+
+
+def test_balanced_world_text_alone_is_at_chance(bworld):
+    w = bworld
+    for items, text, label in ((w.ve, 1, 2), (w.nlvr, 2, 3)):
+        per_text = Counter((it[text], it[label]) for it in items)
+        texts = {it[text] for it in items}
+        assert all(per_text[(t, True if label == 3 else 0)] == per_text[(t, False if label == 3 else 1)]
+                   for t in texts)
+        assert len(items) > 0.5 * len(w) * (w.config.ve_per_scene if label == 2 else w.config.nlvr_per_scene)
+    # VQA: answers equally frequent within each question type (types with a referring expression) or question
+    by_type = {}
+    for (_, q, a), typ in zip(w.vqa, w.vqa_types):
+        key = q if typ in ("count", "count_colour", "count_shape", "exist") else typ
+        by_type.setdefault(key, Counter())[a] += 1
+    assert all(len(set(c.values())) == 1 and len(c) >= 2 for c in by_type.values())
+    assert set(w.vqa_types) == {"count", "count_colour", "count_shape", "exist", "colour", "shape", "size",
+                                "position"}
+    # a rule that answers from the text alone (majority per exact text on half the scenes) does not beat chance
+    # (it falls below: the labels are balanced per text over all scenes, so a text's surplus of one label in one
+    # half is a deficit in the other)
+    half = len(w) // 2
+    for items, text, label in ((w.ve, 1, 2), (w.nlvr, 2, 3)):
+        train = Counter((it[text], it[label]) for it in items if it[0] < half)
+        test = [it for it in items if it[0] >= half]
+        pred = [max((0, 1) if label == 2 else (False, True), key=lambda y: (train[(it[text], y)], str(y)))
+                for it in test]
+        acc = np.mean([p == it[label] for p, it in zip(pred, test)])
+        assert acc < 0.53, acc

@@ -15,6 +15,9 @@ experiment needs and the ground truth to check it:
 * ``ve`` -- SNLI-VE-style (scene, hypothesis, label) with labels entailment / neutral / contradiction; a *neutral*
   hypothesis states a property that is never rendered and never captioned (material, weight, temperature,
   wetness, fragility of an object that is in the image), so the image can neither confirm nor refute it;
+* ``balanced=True`` (:class:`WorldConfig`): every task needs the image -- VE is two-way and VE / NLVR labels are
+  balanced true / false per exact text, VQA answers per question (counts, existence) or per question type, so a
+  model that reads only the text is at chance (:func:`balance_by_key`; notebook 05);
 * :class:`Vocab` -- a tiny word-level tokenizer; :func:`world_vocab` covers every word the generator can emit.
 
 Geometry: the image is split into a ``grid x grid`` lattice of cells; each object occupies its own cell (so objects
@@ -48,7 +51,7 @@ __all__ = [
     "SHAPES", "COLOURS", "SIZES", "ATTRIBUTES", "VQA_TYPES", "VE_LABELS", "NEUTRAL_PROPERTIES",
     "SceneObject", "WorldConfig", "World", "Vocab",
     "generate_world", "sample_scenes", "render_scenes", "make_caption", "position_names", "world_vocab",
-    "answer_vocab",
+    "answer_vocab", "balance_by_key", "VE_BALANCED_LABELS",
 ]
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond")
@@ -66,6 +69,7 @@ SIZES = ("small", "large")
 ATTRIBUTES = ("size", "colour", "shape", "position")  # the per-object attributes a caption can mention
 VQA_TYPES = ("count", "count_colour", "count_shape", "exist", "colour", "shape", "size", "position")
 VE_LABELS = ("entailment", "neutral", "contradiction")
+VE_BALANCED_LABELS = ("entailment", "contradiction")
 MATERIALS = ("metal", "wood", "rubber", "glass", "plastic", "paper")
 NEUTRAL_PROPERTIES = ("heavy", "hot", "cold", "wet", "fragile", "new", "old")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -149,6 +153,15 @@ class WorldConfig:
     large and every other object small, so the label is identifiable in the image. With ``False`` sizes are random
     and the label is still object 0's (then it is not identifiable when several objects are large).
     ``nlvr_per_scene``: number of NLVR pairs = round(n_scenes * nlvr_per_scene).
+    ``balanced``: every task needs the image (see :func:`balance_by_key`). ``oversample`` x as many candidate items
+    are drawn and cut down so that the text alone cannot tell the answer: VE and NLVR labels are balanced per exact
+    text (true / false equally often for every hypothesis / statement; VE is two-way, entailment / contradiction:
+    a *neutral* hypothesis is recognisable from its words alone, so there are none), VQA answers are balanced per
+    question text for the questions without a referring expression (counts, existence) and per question type for
+    the others (answers of a type occurring less than ``min_share`` x as often as its most common one are dropped).
+    The item counts then vary: about ``oversample x per_scene x`` the kept fraction per scene. The balance holds over
+    all scenes, so on one split of them a text's labels lean slightly the other way than on the rest: a rule that
+    memorises labels per text is a little *below* chance on held-out scenes (tests/test_world.py).
     """
 
     image_size: int = 32
@@ -167,6 +180,9 @@ class WorldConfig:
     ve_per_scene: int = 3
     nlvr_per_scene: float = 1.0
     caption_templates: tuple[str, ...] = CAPTION_TEMPLATES
+    balanced: bool = False
+    oversample: int = 3
+    min_share: float = 0.25
 
     def __post_init__(self):
         object.__setattr__(self, "shapes", tuple(self.shapes))
@@ -192,6 +208,9 @@ class WorldConfig:
             raise ValueError("supersample must be >= 1 and noise_std, colour_jitter >= 0")
         if self.vqa_per_scene < 0 or self.ve_per_scene < 0 or self.nlvr_per_scene < 0:
             raise ValueError("vqa_per_scene, ve_per_scene and nlvr_per_scene must be >= 0")
+        if self.oversample < 1 or not (0.0 <= self.min_share <= 1.0):
+            raise ValueError(f"oversample must be >= 1 and min_share in [0, 1], got {self.oversample}, "
+                             f"{self.min_share}")
         if not self.caption_templates or any(t.count("{}") != 1 for t in self.caption_templates):
             raise ValueError("each caption template must contain exactly one '{}'")
 
@@ -498,7 +517,9 @@ def _hypothesis(kind: str, truth: bool, scene, rng, cfg: WorldConfig) -> str | N
         return None if desc is None else f"there is no {_phrase(desc)}"
     if kind == "count":
         n = len(scene)
-        k = n if truth else _choice(rng, [m for m in range(1, cfg.max_objects + 2) if m != n])
+        # balanced: only possible counts (an impossible one, e.g. "four objects" of at most three, is always false)
+        lo, hi = (cfg.min_objects, cfg.max_objects) if cfg.balanced else (1, cfg.max_objects + 1)
+        k = n if truth else _choice(rng, [m for m in range(lo, hi + 1) if m != n])
         return "there is one object" if k == 1 else f"there are {_number(k)} objects"
     if kind == "attr":
         attr = _choice(rng, ATTRIBUTES)
@@ -568,6 +589,43 @@ def _nlvr_statement(rng, cfg: WorldConfig, a, b) -> tuple[str, bool] | None:
     k = max(1, total + rng.integers(-1, 2)) if rng.random() < 0.6 else rng.integers(1, 2 * cfg.max_objects + 1)
     noun = ph if k == 1 else _plural_phrase(desc)
     return f"the two images contain {_number(k)} {noun} in total", total == k
+
+
+def balance_by_key(keys: Sequence, labels: Sequence, rng: np.random.Generator, label_set: Sequence | None = None,
+                   min_share: float = 0.0) -> list[int]:
+    """Indices (sorted) of a subset of items in which, within every key, each kept label occurs equally often.
+
+    Per key: the kept labels are ``label_set`` (all of them must occur, else the key is dropped) or, without it,
+    the labels occurring at least ``min_share`` x as often as the key's most common label; a key with fewer than
+    two kept labels is dropped; every kept label is cut to the count of the rarest kept label (a random choice of
+    its items, ``rng``). So a rule that sees only the key (e.g. the text of a question) is at chance on the subset.
+    """
+    if len(keys) != len(labels):
+        raise ValueError(f"keys and labels differ in length: {len(keys)} vs {len(labels)}")
+    groups: dict = {}
+    for i, (k, y) in enumerate(zip(keys, labels)):
+        groups.setdefault(k, {}).setdefault(y, []).append(i)
+    keep: list[int] = []
+    for k in sorted(groups, key=str):
+        by = groups[k]
+        if label_set is not None:
+            kept = list(label_set)
+            if any(y not in by for y in kept):
+                continue
+        else:
+            top = max(len(v) for v in by.values())
+            kept = sorted((y for y, v in by.items() if len(v) >= min_share * top), key=str)
+        if len(kept) < 2:
+            continue
+        m = min(len(by[y]) for y in kept)
+        for y in kept:
+            items = by[y]
+            pick = rng.permutation(len(items))[:m] if len(items) > m else range(m)
+            keep.extend(items[j] for j in pick)
+    return sorted(keep)
+
+
+_TEXT_KEYED_VQA = ("count", "count_colour", "count_shape", "exist")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -786,10 +844,11 @@ def generate_world(n_scenes: int, seed: int = 0, image_size: int | None = None, 
 
     answers = answer_vocab(cfg)
     answer_ix = {a: i for i, a in enumerate(answers)}
+    extra = cfg.oversample if cfg.balanced else 1
     rq = _Stream(r_vqa)
     vqa, vqa_types = [], []
     for i, scene in enumerate(scenes):
-        for _ in range(cfg.vqa_per_scene):
+        for _ in range(cfg.vqa_per_scene * extra):
             for _attempt in range(20):
                 typ = _choice(rq, VQA_TYPES)
                 qa = _question(typ, scene, rq, cfg)
@@ -801,6 +860,15 @@ def generate_world(n_scenes: int, seed: int = 0, image_size: int | None = None, 
     re_ = _Stream(r_ve)
     ve = []
     for i, scene in enumerate(scenes):
+        if cfg.balanced:  # two-way: entailment (0) / contradiction (1), target truth drawn at random
+            for _ in range(cfg.ve_per_scene * extra):
+                truth = re_.random() < 0.5
+                for _attempt in range(20):
+                    hyp = _hypothesis(_choice(re_, _VE_KINDS), truth, scene, re_, cfg)
+                    if hyp is not None:
+                        ve.append((i, hyp, 0 if truth else 1))
+                        break
+            continue
         start = re_.integers(3)
         for k in range(cfg.ve_per_scene):
             label = (start + k) % 3
@@ -815,7 +883,7 @@ def generate_world(n_scenes: int, seed: int = 0, image_size: int | None = None, 
 
     rn = _Stream(r_nlvr)
     nlvr = []
-    n_pairs = int(round(len(scenes) * cfg.nlvr_per_scene)) if len(scenes) > 1 else 0
+    n_pairs = int(round(len(scenes) * cfg.nlvr_per_scene)) * extra if len(scenes) > 1 else 0
     for _ in range(n_pairs):
         a, b = rn.pair(len(scenes))
         target = rn.random() < 0.5
@@ -830,6 +898,18 @@ def generate_world(n_scenes: int, seed: int = 0, image_size: int | None = None, 
         if got is not None:
             nlvr.append((a, b, got[0], bool(got[1])))
 
+    ve_names = VE_LABELS
+    if cfg.balanced:
+        r_bal = np.random.default_rng(np.random.SeedSequence([int(seed), 0xBA1]))
+        keep = balance_by_key([q if t in _TEXT_KEYED_VQA else t for (_, q, _), t in zip(vqa, vqa_types)],
+                              [a for _, _, a in vqa], r_bal, min_share=cfg.min_share)
+        vqa, vqa_types = [vqa[j] for j in keep], [vqa_types[j] for j in keep]
+        ve = [ve[j] for j in balance_by_key([h for _, h, _ in ve], [y for *_, y in ve], r_bal, label_set=(0, 1))]
+        nlvr = [nlvr[j] for j in balance_by_key([s for _, _, s, _ in nlvr], [y for *_, y in nlvr], r_bal,
+                                                label_set=(False, True))]
+        ve_names = VE_BALANCED_LABELS
+
     return World(config=cfg, seed=int(seed), images=images, scene_attrs=scenes, captions=captions,
                  caption_mentions=mentions, class_labels=labels, class_names=cfg.class_names, n_objects=n_objects,
-                 object_attrs=torch.from_numpy(attrs), vqa=vqa, vqa_types=vqa_types, answer_vocab=answers, nlvr=nlvr, ve=ve)
+                 object_attrs=torch.from_numpy(attrs), vqa=vqa, vqa_types=vqa_types, answer_vocab=answers, nlvr=nlvr, ve=ve,
+                 ve_label_names=ve_names)

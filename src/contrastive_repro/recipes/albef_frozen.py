@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from ..losses.modality import ModalityStructureLoss
 from ..models.fusion import TransformerBlock, sample_hard_negatives
 
-__all__ = ["FusionData", "FeatureFusion", "FusionConfig", "pretrain", "finetune", "run_fusion_unit", "TASKS"]
+__all__ = ["FusionData", "FeatureFusion", "FusionConfig", "pretrain", "finetune", "run_fusion_unit", "TASKS",
+           "fusion_splits", "sweep_point", "merge_parts", "choose_weights", "accuracy_table", "fusion_claims"]
 
 TASKS = ("vqa", "ve", "nlvr")
 
@@ -261,7 +262,8 @@ def _predict(model, head, data, task, idx, image_blind, batch=512):
 def finetune(model: FeatureFusion, data: FusionData, task: str, train_idx, val_idx, test_idx, cfg: FusionConfig,
              seed: int, image_blind: bool = False) -> dict:
     """Fine-tune ``model`` (in place) with a fresh task head; returns ``{"val", "test", "best_step",
-    "test_pred"}`` at the best validation step (checked every ``cfg.eval_every`` steps)."""
+    "test_pred"}`` at the best validation step (checked every ``cfg.eval_every`` steps; ``model`` is left in that
+    state); ``test_idx`` None: no test scores (a validation-only run, e.g. a weight sweep)."""
     torch.manual_seed(seed + 3)
     head = _TaskHead(model.width, data.n_classes[task], task == "nlvr")
     opt = _opt(list(model.parameters()) + list(head.parameters()), cfg.finetune_lr, cfg.weight_decay)
@@ -273,10 +275,9 @@ def finetune(model: FeatureFusion, data: FusionData, task: str, train_idx, val_i
     for step in range(cfg.finetune_steps + 1):
         if step % cfg.eval_every == 0 or step == cfg.finetune_steps:
             acc = float((_predict(model, head, data, task, val_idx, image_blind) == y[val_idx]).float().mean())
-            if acc > best["val"]:
-                pred = _predict(model, head, data, task, test_idx, image_blind)
-                best = {"val": acc, "test": float((pred == y[test_idx]).float().mean()), "best_step": step,
-                        "test_pred": pred.tolist()}
+            if acc > best["val"]:  # keep the state; the test set is scored once, at the best state, at the end
+                best = {"val": acc, "best_step": step}
+                state = (copy.deepcopy(model.state_dict()), copy.deepcopy(head.state_dict()))
         if step == cfg.finetune_steps:
             break
         _cosine(opt, step, cfg.finetune_steps, cfg.finetune_lr)
@@ -286,6 +287,10 @@ def finetune(model: FeatureFusion, data: FusionData, task: str, train_idx, val_i
         loss.backward()
         nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), 1.0)
         opt.step()
+    if test_idx is not None:
+        model.load_state_dict(state[0]), head.load_state_dict(state[1])
+        pred = _predict(model, head, data, task, test_idx, image_blind)
+        best.update(test=float((pred == y[test_idx]).float().mean()), test_pred=pred.tolist())
     return best
 
 
@@ -312,50 +317,208 @@ def _retrieval(model: FeatureFusion, data: FusionData, scenes: torch.Tensor) -> 
     return out
 
 
+DEV_SEED = 20230601  # the fixed permutation that sets the development (weight-sweep) scenes apart
+
+
+def fusion_splits(n_scenes: int, seed: int, dev_fraction: float = 0.0, test_fraction: float = 0.25,
+                  val_fraction: float = 0.15, dev_val_fraction: float = 0.3) -> dict[str, torch.Tensor]:
+    """Scene indices per part. A fixed development pool (``dev_fraction`` of the scenes, chosen by a permutation
+    with :data:`DEV_SEED`, the same for every unit) is split into ``dev_train`` / ``dev_val`` for choosing
+    hyperparameters; it is never a test scene. The other scenes are permuted by ``seed`` (the unit) into ``test``
+    (``test_fraction`` of them), ``val`` (``val_fraction``) and ``train`` (the rest)."""
+    if not (0 <= dev_fraction < 1 and 0 < test_fraction and 0 < val_fraction and test_fraction + val_fraction < 1
+            and 0 < dev_val_fraction < 1):
+        raise ValueError(f"bad split fractions: dev {dev_fraction}, test {test_fraction}, val {val_fraction}, "
+                         f"dev_val {dev_val_fraction}")
+    fixed = torch.randperm(n_scenes, generator=torch.Generator().manual_seed(DEV_SEED))
+    n_dev = int(round(dev_fraction * n_scenes))
+    dev, pool = fixed[:n_dev], fixed[n_dev:]
+    pool = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(seed)))]
+    n_te, n_va = int(round(test_fraction * len(pool))), int(round(val_fraction * len(pool)))
+    n_dv = int(round(dev_val_fraction * n_dev))
+    return {"test": pool[:n_te], "val": pool[n_te:n_te + n_va], "train": pool[n_te + n_va:],
+            "dev_val": dev[:n_dv], "dev_train": dev[n_dv:]}
+
+
+def _cap(idx: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
+    """A random subset of ``n`` of the indices (all of them when ``n`` is None or not smaller)."""
+    if n is None or len(idx) <= n:
+        return idx
+    return idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
+
+
 def run_fusion_unit(data: FusionData, cfg: FusionConfig, seed: int, *, methods: Sequence[str],
                     weights: Mapping[str, float], tasks: Sequence[str] = TASKS, test_fraction: float = 0.25,
-                    val_fraction: float = 0.15, threads: int | None = None) -> dict:
-    """One unit (seed = scene split = initialisation): the scenes are permuted and split into train / val / test;
-    every method (``"albef"`` or a regularizer name) is pre-trained on the training captions and fine-tuned on each
-    task; the controls are fine-tuned from a fresh model (``no_pretrain``) and from a fresh image-blind model
-    (``text_only``). Returns ``{arm: {task: {"val", "test", "best_step"}, "retrieval": {...}}, "majority": {...},
-    "pretrain_hist": {...}}``; ``majority[task]`` answers the most common training label (VQA: per question type)."""
+                    val_fraction: float = 0.15, threads: int | None = None, split: Mapping | None = None,
+                    finetune_items: int | None = None, val_items: int | None = None,
+                    controls: bool = True) -> dict:
+    """One unit (seed = scene split = initialisation). Scenes: ``split`` (``train`` / ``val`` / ``test`` scene
+    indices, e.g. from :func:`fusion_splits`; ``test`` None = a validation-only run) or, without it, a permutation
+    by ``seed`` into test / val / train. Every method (``"albef"`` or a regularizer name) is pre-trained on the
+    training scenes' captions and fine-tuned on each task with at most ``finetune_items`` training items (a
+    low-data fine-tune; drawn by ``seed``) and scored on at most ``val_items`` validation items; with ``controls``
+    the same model is also fine-tuned from a fresh initialisation (``no_pretrain``) and fresh with the image tokens
+    zeroed (``text_only``). Returns ``{arm: {task: {"val", "test", "best_step"}, "retrieval": {...}}, "majority":
+    {...}, "chance": {...}, "n_items": {...}, "pretrain_hist": {...}}``; ``majority[task]`` answers the most common
+    training label (VQA: per question type) of all the training items; ``chance[task]``: a uniform guess (VQA: among
+    the training answers of the question's type)."""
     if threads:
         torch.set_num_threads(int(threads))
     S = data.grid.shape[0]
-    perm = torch.randperm(S, generator=torch.Generator().manual_seed(seed))
-    n_te, n_va = int(round(test_fraction * S)), int(round(val_fraction * S))
-    split = {"test": perm[:n_te], "val": perm[n_te:n_te + n_va], "train": perm[n_te + n_va:]}
-    items = {t: _split_items(data, t, split) for t in tasks}
-    out: dict = {"majority": {}, "pretrain_hist": {}, "n_items": {t: {k: len(v) for k, v in items[t].items()}
-                                                                  for t in tasks}}
+    if split is None:
+        perm = torch.randperm(S, generator=torch.Generator().manual_seed(seed))
+        n_te, n_va = int(round(test_fraction * S)), int(round(val_fraction * S))
+        split = {"test": perm[:n_te], "val": perm[n_te:n_te + n_va], "train": perm[n_te + n_va:]}
+    has_test = split.get("test") is not None
+    parts = {k: split[k] for k in ("train", "val", "test") if split.get(k) is not None}
+    items = {t: _split_items(data, t, parts) for t in tasks}
+    out: dict = {"majority": {}, "chance": {}, "pretrain_hist": {},
+                 "n_items": {t: {k: len(v) for k, v in items[t].items()} for t in tasks}}
     for t in tasks:
         y = data.items[t]["label"]
-        tr, te = items[t]["train"], items[t]["test"]
+        tr = items[t]["train"]
+        te = items[t]["test"] if has_test else items[t]["val"]
         if t == "vqa":
             qt = data.items[t]["qtype"]
             pred = torch.empty_like(y[te])
+            inv = torch.empty(len(te))
             for q in qt[te].unique():
                 common = torch.mode(y[tr][qt[tr] == q]).values if (qt[tr] == q).any() else torch.mode(y[tr]).values
                 pred[qt[te] == q] = common
+                inv[qt[te] == q] = 1.0 / max(1, len(y[tr][qt[tr] == q].unique()))
+            out["chance"][t] = float(inv.mean())  # a uniform guess among the answers of the question's type
         else:
             pred = torch.full_like(y[te], int(torch.mode(y[tr]).values))
+            out["chance"][t] = 1.0 / data.n_classes[t]
         out["majority"][t] = float((pred == y[te]).float().mean())
-    arms = [(m, m) for m in methods] + [("no_pretrain", None), ("text_only", None)]
+        items[t]["train"] = _cap(tr, finetune_items, seed + 101)
+        items[t]["val"] = _cap(items[t]["val"], val_items, seed + 103)
+        out["n_items"][t]["finetune"], out["n_items"][t]["val_used"] = len(items[t]["train"]), len(items[t]["val"])
+    arms = [(m, m) for m in methods] + ([("no_pretrain", None), ("text_only", None)] if controls else [])
     for arm, method in arms:
         res: dict = {}
         if method is not None:
             reg = None if method == "albef" else method
             pre, hist = pretrain(data, split["train"], cfg, reg, weights.get(method, 0.0), seed)
             out["pretrain_hist"][arm] = hist
-            res["retrieval"] = _retrieval(pre, data, split["test"])
+            if has_test:
+                res["retrieval"] = _retrieval(pre, data, split["test"])
         for t in tasks:
             model = copy.deepcopy(pre) if method is not None else build(data, cfg, seed)
-            r = finetune(model, data, t, items[t]["train"], items[t]["val"], items[t]["test"], cfg, seed,
-                         image_blind=arm == "text_only")
+            r = finetune(model, data, t, items[t]["train"], items[t]["val"], items[t]["test"] if has_test else None,
+                         cfg, seed, image_blind=arm == "text_only")
             res[t] = {k: v for k, v in r.items() if k != "test_pred"}
         out[arm] = res
     return out
+
+
+def merge_parts(parts: Sequence[Mapping]) -> dict:
+    """One unit from its parts (:func:`run_fusion_unit` results of the same seed and split with different
+    ``methods`` / ``controls``, e.g. run in parallel): the arms side by side, ``pretrain_hist`` merged; the
+    split-level entries (``majority``, ``chance``, ``n_items``) must agree."""
+    out: dict = {"pretrain_hist": {}}
+    for p in parts:
+        for k, v in p.items():
+            if k == "pretrain_hist":
+                out[k].update(v)
+            elif k in ("majority", "chance", "n_items"):
+                if k in out and out[k] != v:
+                    raise ValueError(f"parts disagree on {k!r}: not the same split")
+                out[k] = v
+            elif k in out:
+                raise ValueError(f"arm {k!r} occurs in two parts")
+            else:
+                out[k] = v
+    return out
+
+
+def sweep_point(data: FusionData, cfg: FusionConfig, seed: int, method: str, weight: float,
+                split: Mapping[str, torch.Tensor], tasks: Sequence[str] = TASKS, finetune_items: int | None = None,
+                val_items: int | None = None, threads: int | None = None) -> dict:
+    """One point of a regularizer-weight sweep on the development scenes: ``method`` pre-trained with ``weight`` on
+    ``split["dev_train"]`` and fine-tuned per task; returns ``{task: validation accuracy on split["dev_val"]}``
+    (no test scene is touched)."""
+    dev = {"train": split["dev_train"], "val": split["dev_val"], "test": None}
+    out = run_fusion_unit(data, cfg, seed, methods=[method], weights={method: weight}, tasks=tasks, split=dev,
+                          finetune_items=finetune_items, val_items=val_items, threads=threads, controls=False)
+    return {t: out[method][t]["val"] for t in tasks}
+
+
+def choose_weights(sweep: Mapping[str, Mapping[float, Mapping[str, float]]]) -> dict[str, float]:
+    """``{method: {weight: {task: validation score}}}`` -> ``{method: the weight with the highest mean score over
+    the tasks}`` (ties: the smaller weight)."""
+    out = {}
+    for m, pts in sweep.items():
+        if not pts:
+            raise ValueError(f"no sweep points for {m!r}")
+        out[m] = max(sorted(pts, key=float), key=lambda w: (float(np.mean(list(pts[w].values()))), -float(w)))
+    return out
+
+
+def _acc(units, arm, task) -> np.ndarray:
+    return np.array([100 * u[arm][task]["test"] for u in units])
+
+
+def accuracy_table(units: Sequence[Mapping], arms: Sequence[str], tasks: Sequence[str]) -> list[dict]:
+    """Rows ``{arm, task, mean, std, n}`` of test accuracy (%) over the units, the majority rule first."""
+    rows = [{"arm": "majority" + (" per question type" if t == "vqa" else ""), "task": t,
+             "mean": 100 * float(np.mean([u["majority"][t] for u in units])), "std": 0.0, "n": len(units)}
+            for t in tasks]
+    rows += [{"arm": a, "task": t, "mean": float(_acc(units, a, t).mean()),
+              "std": float(_acc(units, a, t).std(ddof=1)) if len(units) > 1 else 0.0, "n": len(units)}
+             for a in arms for t in tasks]
+    return rows
+
+
+PAPER_COLUMN = {"vqa": "vqa_std", "ve": "snlive_test", "nlvr": "nlvr2_testp"}
+
+
+def fusion_claims(units: Sequence[Mapping], methods: Sequence[str], tasks: Sequence[str],
+                  weights: Mapping[str, float], *, alpha: float, gate_margin: float, paper_value, test: str,
+                  chance: Mapping[str, float] | None = None) -> dict:
+    """Gates and verdicts of notebook 05. Per task the gate baselines are chance (``chance[task]`` in %, default the
+    units' mean ``chance``), the majority rule,
+    the image-blind ``text_only`` model and the ``no_pretrain`` control (mean test accuracy over the units); each
+    pre-trained arm must beat all of them by ``gate_margin`` points. Returns ``{"claims": claim rows (each
+    regularizer vs ALBEF, in the direction of Table 4's test column, via ``paper_value(key)``), "verdicts": a flat
+    table, "pretraining": ALBEF vs the no-pre-training control and text_only vs chance per task, "summary": rows
+    for run.finish}``."""
+    from reproduce.claims import claim_row
+
+    from ..stats import gate, paired_verdict
+
+    claims, verdicts, pre, summary = [], [], [], []
+    for t in tasks:
+        ch = float(chance[t]) if chance is not None else 100 * float(np.mean([u["chance"][t] for u in units]))
+        base = {"chance": ch, "majority": 100 * float(np.mean([u["majority"][t] for u in units])),
+                "text_only": float(_acc(units, "text_only", t).mean()),
+                "no_pretrain": float(_acc(units, "no_pretrain", t).mean())}
+        gates = {m: gate(float(_acc(units, m, t).mean()), base, gate_margin) for m in methods}
+        pv = paired_verdict(_acc(units, "no_pretrain", t), _acc(units, "albef", t), direction=1, alpha=alpha)
+        blind = _acc(units, "text_only", t) - ch
+        pre.append({"task": t, "albef - no_pretrain": pv.effect, "ci": f"[{pv.ci_low:+.2f}, {pv.ci_high:+.2f}]",
+                    "verdict": pv.verdict, "text_only - chance": float(blind.mean()),
+                    "text_only - chance (max over units)": float(blind.max())})
+        col = PAPER_COLUMN[t]
+        for m in methods:
+            key = f"lms.table4.{m}.{col}"
+            summary.append({"experiment": f"ALBEF-style fusion (world, frozen features): {m}",
+                            "metric": f"{t} test acc. (%)", "value": float(_acc(units, m, t).mean()),
+                            "std": float(_acc(units, m, t).std(ddof=1)) if len(units) > 1 else 0.0,
+                            "n": len(units), "paper_key": key, "note": str(gates[m])})
+            if m == "albef":
+                continue
+            d = 1 if paper_value(key) >= paper_value(f"lms.table4.albef.{col}") else -1
+            v = paired_verdict(_acc(units, "albef", t), _acc(units, m, t), direction=d, alpha=alpha)
+            row = claim_row(f"lms.albef.{m}.{t}", "lms", f"{m} {'raises' if d > 0 else 'lowers'} {t.upper()} "
+                            "accuracy vs ALBEF (Table 4, test column)", f"{test}, weight {weights[m]:g} chosen on "
+                            f"validation", f"{t} test acc. points ({m} - albef)", v, gates=[gates["albef"], gates[m]],
+                            paper_key=key)
+            claims.append(row)
+            verdicts.append({"task": t, "method": m, "weight": weights[m], "paper": "up" if d > 0 else "down",
+                             "effect": v.effect, "ci": f"[{v.ci_low:+.2f}, {v.ci_high:+.2f}]", "mde": v.mde,
+                             "verdict": row["verdict"], "gates": "; ".join(str(gates[k]) for k in ("albef", m))})
+    return {"claims": claims, "verdicts": verdicts, "pretraining": pre, "summary": summary}
 
 
 def world_fusion_data(world, tok_feats: dict, text_ids: torch.Tensor, grid: torch.Tensor,
@@ -381,4 +544,4 @@ def world_fusion_data(world, tok_feats: dict, text_ids: torch.Tensor, grid: torc
     return FusionData(grid=grid, grid_view=grid_view, tok=tok_feats["tokens"], mask=tok_feats["mask"].bool(),
                       ids=compact * tok_feats["mask"].long(), caption=caption,
                       items={"vqa": vqa, "ve": ve, "nlvr": nlvr},
-                      n_classes={"vqa": len(world.answer_vocab), "ve": 3, "nlvr": 2})
+                      n_classes={"vqa": len(world.answer_vocab), "ve": len(world.ve_label_names), "nlvr": 2})
