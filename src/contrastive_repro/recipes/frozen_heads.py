@@ -407,41 +407,6 @@ def steps_for_batch(batch_size: int, largest: int, steps_at_largest: int) -> int
     return int(math.ceil(steps_at_largest * math.sqrt(largest / batch_size)))
 
 
-def _ssl_job(args):
-    arm, b, steps, pool, train_idx, test_idx, kw = args
-    torch.set_num_threads(1)
-    r = train_ssl_heads(arm, pool["views"], pool["x"], pool["y"], train_idx, test_idx, batch_size=b, steps=steps,
-                        **kw)
-    r["eval"] = {str(k): v for k, v in r["eval"].items()}
-    return (arm, b), r
-
-
-def ssl_sweep(jobs: Sequence[tuple[str, int, int]], pool: dict, train_idx, test_idx, *, workers: int = 1,
-              on_result=None, **kw) -> dict:
-    """:func:`train_ssl_heads` for every ``(arm, batch_size, steps)`` (readouts at ``steps/2`` and ``steps``);
-    ``{(arm, B): result}`` with string step keys (JSON-ready). ``workers > 1``: that many processes.
-    ``on_result(key, result)`` is called as each job finishes (e.g. to store it: an interrupted sweep resumes)."""
-    todo = [(a, int(b), int(t), pool, train_idx, test_idx, kw) for a, b, t in jobs]
-    out = {}
-
-    def done(key, res):
-        out[key] = res
-        if on_result is not None:
-            on_result(key, res)
-
-    if workers <= 1 or len(todo) <= 1:
-        for j in todo:
-            done(*_ssl_job(j))
-        return out
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    with cf.ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as ex:
-        for fut in cf.as_completed([ex.submit(_ssl_job, j) for j in todo]):
-            done(*fut.result())
-    return out
-
-
 def family_split(captions: Sequence[str], test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Train/test item indices with whole *families* on one side: a family is the caption before ``":"``
     (``"waving hand: medium skin tone"`` -> ``"waving hand"``), so skin-tone and other variants never straddle the
