@@ -9,12 +9,7 @@ import torch
 from contrastive_repro.recipes import albef_frozen as af
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _data(S=60, T=4, L=6, seed=0):

@@ -10,12 +10,7 @@ import torch.nn.functional as F
 from contrastive_repro.recipes import frozen_clip as fc
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _planted(n=120, n_cls=4, seed=0):

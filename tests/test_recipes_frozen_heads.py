@@ -13,12 +13,7 @@ from contrastive_repro.losses.decomposable import conventional_terms, decomposab
 from contrastive_repro.recipes import frozen_heads as fh
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _naive(logits, arm, u=None):

@@ -10,12 +10,7 @@ from contrastive_repro.recipes import info_gap as ig
 from contrastive_repro.recipes import lms_clip as lc
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_collapse_stats_by_hand():

@@ -15,13 +15,7 @@ from contrastive_repro.synthetic import (effective_negatives, gradient_bias, ini
                                          minibatch_scores, noise_log_weights, train_run)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest (extra threads only synchronize, badly so on a busy machine)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
